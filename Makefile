@@ -1,0 +1,50 @@
+# The two commands of the README: `make demo` and `make test`. Each creates the virtualenv when
+# missing, installs the package with the exact versions of constraints.txt, and runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DATA ?= data/synth
+RUN ?= runs/demo
+
+.PHONY: install demo test test-slow lab export constraints readme
+
+install: $(INSTALLED)
+
+$(INSTALLED): settings.ini setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# Byte-compile once: PYTHONDONTWRITEBYTECODE (set on some machines) doubles import time otherwise.
+	# torch ships one Python-3.12-only test file that older interpreters cannot compile.
+	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib/python3*/site-packages > /dev/null
+	touch $@
+
+demo: install
+	$(BIN)/mtabn_synth $(DATA) --n 2000
+	$(BIN)/mtabn_verify $(DATA)
+
+test: install
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest -q -m "not slow" tests
+
+test-slow: install
+	$(BIN)/nbdev_test --n_workers 2 --flags slow
+	$(BIN)/pytest -q tests
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir nbs
+
+# Notebooks are the source: regenerate the package and strip notebook noise before committing.
+export: install
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+# Record the exact versions of the current environment (after changing requirements in settings.ini).
+constraints:
+	{ echo "# Exact versions tested (make installs with -c constraints.txt). Regenerate: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | sort -f; } > constraints.txt
+
+# README.md is generated from nbs/index.ipynb.
+readme:
+	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
