@@ -12,11 +12,11 @@ RUN ?= runs/demo
 
 install: $(INSTALLED)
 
+# Byte-compiling once matters where PYTHONDONTWRITEBYTECODE is set (imports take twice as long without it);
+# torch ships one Python-3.12-only test file that older interpreters cannot compile.
 $(INSTALLED): settings.ini setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
-	# Byte-compile once: PYTHONDONTWRITEBYTECODE (set on some machines) doubles import time otherwise.
-	# torch ships one Python-3.12-only test file that older interpreters cannot compile.
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib/python3*/site-packages > /dev/null
 	touch $@
 
