@@ -20,17 +20,18 @@ $(INSTALLED): settings.ini setup.py constraints.txt
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib/python3*/site-packages > /dev/null
 	touch $@
 
+# The main job: SynthCelebA (cached in $(DATA)) unless DATA points at real CelebA, then train, evaluate,
+# explain and report into $(RUN).
 demo: install
-	$(BIN)/mtabn_synth $(DATA) --n 2000
-	$(BIN)/mtabn_verify $(DATA)
+	$(BIN)/mtabn_demo --data $(DATA) --out $(RUN)
 
 test: install
 	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest -q -m "not slow" tests
+	$(BIN)/pytest -q -n 2 -m "not slow" tests
 
 test-slow: install
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n 2 tests
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir nbs

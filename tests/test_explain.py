@@ -1,0 +1,261 @@
+"End-to-end checks of `multitask_abn.explain`: scaling, the two renderers, explanation metrics, Grad-CAM, prediction."
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from multitask_abn.data import CELEBA_ATTRIBUTES, IMAGE_DIR, CelebADataset, MtabnError, get_transform, write_celeba_annotations
+from multitask_abn.explain import (AttributeRegions, Explanation, attention_grid, attribute_grid, compare_explanations, curve_auc,
+                                   deletion_insertion_curves, energy_share, explanation_records, grid_origins, pointing_ceiling, pointing_game,
+                                   explain_images, explain_run, predict, save_attention_grids, scale_maps, summarize_explanations)
+from multitask_abn.models import create_model, save_model, save_seed_checkpoint
+
+TYPICAL_LANDMARKS = [69, 111, 108, 111, 88, 135, 72, 152, 105, 152]
+
+
+@pytest.fixture(scope='module')
+def cli(bin_dir, tmp_path_factory):
+    "Run a console script: the installed one, or the same function as a script file until it is installed."
+    def run(name, *args):
+        script = bin_dir/name
+        if not script.exists():
+            script = tmp_path_factory.mktemp('scripts')/f'{name}.py'
+            script.write_text(f'from multitask_abn.cli import {name}\n{name}()\n')
+            command = [sys.executable, script]
+        else: command = [script]
+        return subprocess.run([*map(str, command), *map(str, args)], capture_output=True, text=True)
+    return run
+
+
+@pytest.fixture(scope='module')
+def abn():
+    torch.manual_seed(0)
+    return create_model('abn_v1_resnet10').eval()
+
+
+@pytest.fixture(scope='module')
+def faces(tmp_path_factory):
+    "Six random 178x218 images in CelebA's layout with typical landmarks (test split)."
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp('faces')
+    (root/IMAGE_DIR).mkdir()
+    names = [f'{i:06d}.jpg' for i in range(1, 7)]
+    for name in names: Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(root/IMAGE_DIR/name)
+    write_celeba_annotations(root, names, rng.integers(0, 2, (6, 40)), [2] * 6, np.tile(TYPICAL_LANDMARKS, (6, 1)))
+    return CelebADataset(root, 'test', get_transform('eval', 64))
+
+
+def random_explanation(seed=0, size=48):
+    rng = np.random.default_rng(seed)
+    return Explanation(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), rng.normal(0, 50, (40, 3, 3)).astype(np.float32),
+                       rng.normal(0, 2, 40), rng.normal(0, 2, 40), rng.integers(0, 2, 40).astype(float), f'{seed}.jpg')
+
+
+# --- scaling -------------------------------------------------------------------------------------------------
+
+def test_scaling_modes_match_hand_computed_values():
+    maps = np.array([[[-6., 0.], [2., 4.]], [[1., 1.], [1., 1.]], [[-1., -3.], [-2., -1.]]])
+    np.testing.assert_allclose(scale_maps(maps, 'pos'), [[[0, 0], [.5, 1]], [[0, 0], [0, 0]], [[0, 0], [0, 0]]])
+    np.testing.assert_allclose(scale_maps(maps, 'neg'), [[[0, 1], [1, 1]], [[0, 0], [0, 0]], [[1, 0], [.5, 1]]])
+    np.testing.assert_allclose(scale_maps(maps, 'both'), [[[0, .5], [2/3, 5/6]], [[1, 1], [1, 1]], [[1/3, 0], [1/6, 1/3]]])
+
+
+# --- renderers -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('mode', ['pos', 'neg', 'both'])
+def test_fast_and_matplotlib_renderers_show_the_same_panels(mode):
+    grid = attention_grid(random_explanation(), mode, show_probs=True)
+    canvas, figure = grid.render(), grid.plot()
+    height, width = grid.panels.shape[1:3]
+    for i, (y, x) in enumerate(grid_origins(len(grid.panels), grid.ncols, (height, width), grid.title_height())):
+        np.testing.assert_array_equal(canvas[y:y + height, x:x + width], grid.panels[i])
+        np.testing.assert_array_equal(np.asarray(figure.axes[i].images[0].get_array()), grid.panels[i])
+        assert figure.axes[i].get_title().split('\n')[0] == CELEBA_ATTRIBUTES[i]
+
+
+def test_attribute_view_renders_one_attribute_of_many_images():
+    explanations = [random_explanation(s) for s in range(16)]
+    grid = attribute_grid(explanations, 'Eyeglasses')
+    assert grid.shape == (2, 8) and grid.titles[5][0] == '5.jpg'
+    np.testing.assert_array_equal(grid.panels[5], attention_grid(explanations[5], attributes=['Eyeglasses']).panels[0])
+    assert grid.render().shape[1] == 8 * grid.panels.shape[2] + 9 * 4     # 8 panels, 9 margins of 4 px
+
+
+def test_explaining_never_modifies_the_callers_tensors(abn):
+    images, labels = torch.randn(2, 3, 32, 32), torch.ones(2, 40)
+    kept = images.clone(), labels.clone()
+    for e in explain_images(abn, images, 'eval', labels):
+        e.perception[:] = -1; e.maps[:] = 0
+        attention_grid(e, 'both', show_probs=True).render()
+    assert torch.equal(images, kept[0]) and torch.equal(labels, kept[1])
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+def test_pointing_game_and_energy_share_on_hand_built_maps():
+    mask = np.zeros((40, 40), bool); mask[10:20, 10:20] = True
+    inside, outside, near = (np.zeros((40, 40)) for _ in range(3))
+    inside[15, 12] = 5; outside[30, 30] = 5; near[21, 15] = 5   # near: 2 px below the region, tolerance 5 % of 40 = 2 px
+    assert pointing_game(inside, mask) and not pointing_game(outside, mask)
+    assert pointing_game(near, mask) and not pointing_game(near, mask, tolerance=0)
+    uniform_plus = np.ones((40, 40)); uniform_plus[mask] = 2      # min-max -> 1 inside, 0 outside
+    assert energy_share(uniform_plus, mask) == pytest.approx(1.0)
+    half = np.zeros((40, 40)); half[10:20, 15:25] = 1             # half of the mass in the region
+    assert energy_share(half, mask) == pytest.approx(0.5)
+
+
+def test_deletion_and_insertion_rank_a_faithful_map_above_an_unfaithful_one():
+    image, baseline = torch.ones(1, 8, 8), torch.zeros(1, 8, 8)
+    region = torch.zeros(8, 8, dtype=torch.bool); region[:4, :4] = True    # a quarter of the image
+    intact = lambda batch: batch[:, 0][:, region].mean(1)
+    faithful = deletion_insertion_curves(intact, image, region.float(), steps=4, baseline=baseline)
+    unfaithful = deletion_insertion_curves(intact, image, (~region).float(), steps=4, baseline=baseline)
+    assert [curve_auc(c) for c in faithful] == pytest.approx([1/8, 7/8])
+    assert [curve_auc(c) for c in unfaithful] == pytest.approx([7/8, 1/8])
+
+
+def test_gradcam_comparison_runs_on_tiny_models(abn, faces):
+    torch.manual_seed(2)
+    baseline = create_model('resnet10')
+    attributes = ['Eyeglasses', 'Smiling', 'Big_Nose']
+    records = compare_explanations(abn, baseline, faces, n=4, deletion_images=1, steps=4, batch_size=2, attributes=attributes)
+    present = faces.labels[:4, [CELEBA_ATTRIBUTES.index(a) for a in attributes]]
+    assert set(records.method) == {'attention', 'gradcam'}
+    assert len(records) == 2 * int(present.sum()) and (records.label == 1).all()     # present attributes only
+    assert records.pointing_game.isin([0, 1]).all() and records.pointing_ceiling.isin([0, 1]).all()
+    assert records.energy_share.dropna().between(0, 1).all()                        # NaN: a constant map
+    per_attribute = records.groupby(['method', 'attribute']).deletion_auc.count()
+    assert (per_attribute == 1).all()                                                # deletion_images=1 per attribute
+    summary = summarize_explanations(records)
+    assert summary[summary.attribute == 'mean'].method.tolist() == ['attention', 'gradcam']
+    with pytest.raises(MtabnError, match='unknown explanation method'):
+        explanation_records(abn, faces, 'lime')
+
+
+def test_pointing_ceiling_of_a_coarse_grid(abn, faces):
+    "ABN maps at 64 px are 4x4: a mask averaged onto that grid always wins where a 1x1 grid never can."
+    masks = AttributeRegions(faces).masks(0, (64, 64))
+    assert not any(pointing_ceiling(m, (1, 1)) for m in masks.values())              # a constant map has no peak
+    assert pointing_ceiling(masks['Smiling'], (64, 64), tolerance=0)                 # full resolution: always
+
+
+def test_save_attention_grids_writes_one_jpeg_per_image(abn, faces, tmp_path):
+    written = save_attention_grids(abn, faces, tmp_path/'grids', n=3, batch_size=2, progress=False)
+    assert [p.name for p in written] == ['000001.jpg', '000002.jpg', '000003.jpg']
+    assert all(cv2.imread(str(p)) is not None for p in written)
+
+
+# --- prediction ----------------------------------------------------------------------------------------------
+
+def exif_rotated(image: Image.Image, path):
+    "Save `image` stored rotated, with the EXIF orientation tag (6: rotate 90 CW to view) that puts it upright."
+    exif = Image.Exif(); exif[0x0112] = 6
+    image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+@pytest.fixture
+def checkpoint(abn, tmp_path):
+    return save_model(abn, tmp_path/'abn.pt', config={'transform': 'eval', 'image_size': 32})
+
+
+def test_predict_reads_odd_image_modes_like_their_rgb_equivalents(checkpoint, tmp_path):
+    rng = np.random.default_rng(3)
+    rgb = Image.fromarray(rng.integers(0, 256, (83, 61, 3), dtype=np.uint8))
+    folder = tmp_path/'in'; folder.mkdir()
+    rgb.save(folder/'upright.png'); exif_rotated(rgb, folder/'rotated.png')
+    rgb.convert('L').save(folder/'gray.png'); rgb.convert('L').convert('RGB').save(folder/'gray_as_rgb.png')
+    rgb.convert('RGBA').save(folder/'rgba.png'); rgb.convert('P').save(folder/'palette.png')
+    rgb.convert('P').convert('RGB').save(folder/'palette_as_rgb.png')
+    rgb.convert('CMYK').save(folder/'cmyk.jpg')
+    table = predict(checkpoint, [folder], tmp_path/'out').set_index('path')
+    probs = {Path(p).name: row.to_numpy() for p, row in table.iterrows()}
+    np.testing.assert_allclose(probs['rotated.png'], probs['upright.png'], atol=1e-6)
+    np.testing.assert_allclose(probs['gray.png'], probs['gray_as_rgb.png'], atol=1e-6)
+    np.testing.assert_allclose(probs['rgba.png'], probs['upright.png'], atol=1e-6)   # opaque alpha changes nothing
+    np.testing.assert_allclose(probs['palette.png'], probs['palette_as_rgb.png'], atol=1e-6)
+    assert 'cmyk.jpg' in probs
+    written = pd.read_csv(tmp_path/'out'/'predictions.csv')
+    assert list(written.columns) == ['path', *CELEBA_ATTRIBUTES] and len(written) == 8
+    assert sorted(p.name for p in (tmp_path/'out'/'attention').iterdir()) == sorted(f'{Path(n).stem}.jpg' for n in probs)
+
+
+def test_mtabn_predict_reports_a_corrupt_file_and_does_the_others(cli, checkpoint, tmp_path):
+    Image.new('RGB', (50, 60), 'white').save(tmp_path/'good.jpg')
+    (tmp_path/'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated jpeg')
+    result = cli('mtabn_predict', '--checkpoint', checkpoint, tmp_path/'corrupt.jpg', tmp_path/'good.jpg',
+                 tmp_path/'missing.png', '--out', tmp_path/'out')
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert any('corrupt.jpg' in line and 'cannot decode' in line for line in lines)
+    assert any('missing.png' in line and 'not found' in line for line in lines)
+    assert lines[-1].startswith('mtabn_predict: error: 2 of 3 images could not be read')
+    assert 'Traceback' not in result.stderr
+    table = pd.read_csv(tmp_path/'out'/'predictions.csv')
+    assert table.path.tolist() == [str(tmp_path/'good.jpg')]
+    assert (tmp_path/'out'/'attention'/'good.jpg').is_file()
+
+
+def test_mtabn_predict_with_a_reference_checkpoint(cli, tmp_path):
+    torch.manual_seed(1)
+    model = create_model('abn_v1_resnet18').eval()
+    reference = save_seed_checkpoint(model, tmp_path/'seed'/'checkpoint.pt')
+    Image.new('RGB', (178, 218), 'gray').save(tmp_path/'face.png')
+    result = cli('mtabn_predict', '--checkpoint', reference, tmp_path/'face.png', '--out', tmp_path/'out',
+                 '--image_size', 64)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(tmp_path/'out'/'predictions.csv')
+    x = get_transform('fukui2019', 64)(Image.open(tmp_path/'face.png').convert('RGB'))[None]   # the references' transform
+    with torch.no_grad(): expected = torch.sigmoid(model(x).perception)[0].numpy()
+    np.testing.assert_allclose(table[list(CELEBA_ATTRIBUTES)].to_numpy()[0], expected, atol=1e-5)
+    assert (tmp_path/'out'/'attention'/'face.jpg').is_file()
+
+
+def test_mtabn_predict_rejects_a_missing_checkpoint(cli, tmp_path):
+    Image.new('RGB', (50, 60)).save(tmp_path/'a.png')
+    result = cli('mtabn_predict', '--checkpoint', tmp_path/'nope.pt', tmp_path/'a.png', '--out', tmp_path/'out')
+    assert result.returncode == 2 and 'nope.pt' in result.stderr and 'Traceback' not in result.stderr
+
+
+# --- SynthCelebA ground truth and the run-level entry point ---------------------------------------------------
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    from multitask_abn.synth import make_synth_celeba
+    return make_synth_celeba(tmp_path_factory.mktemp('synth')/'synth', n=40, seed=0, progress=False)
+
+
+def test_synth_part_maps_are_the_ground_truth(synth):
+    dataset = CelebADataset(synth, 'all', get_transform('eval', 64))
+    regions = AttributeRegions(dataset)
+    assert regions.kind == 'synth' and regions.excluded == ['Attractive', 'Blurry']
+    masks = regions.masks(0, (64, 64))
+    rows = {a: np.nonzero(masks[a])[0].mean() for a in ('Arched_Eyebrows', 'Narrow_Eyes', 'Big_Nose', 'Smiling', 'Goatee')}
+    assert list(rows.values()) == sorted(rows.values())          # top to bottom: brows, eyes, nose, mouth, chin
+    landmarks = AttributeRegions(dataset, 'landmarks')
+    assert landmarks.kind == 'landmarks' and len(landmarks.table) == 16
+
+
+def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path/'run'
+    save_model(create_model('abn_v1_resnet10'), run/'checkpoints'/'best.pt')
+    (run/'config.json').write_text(json.dumps({'data': str(synth), 'transform': 'eval', 'image_size': 64}))
+    baseline = save_model(create_model('resnet10'), tmp_path/'baseline.pt', config={'transform': 'eval', 'image_size': 64})
+    summary = explain_run(run, split='all', n=3, metrics_images=6, deletion_images=1, steps=4, baseline=baseline, progress=False)
+    out = run/'explain'/'all'
+    assert len(list((out/'attention_examples').glob('*.jpg'))) == 3
+    table = pd.read_csv(out/'explanation_metrics.csv')
+    assert set(table.method) == {'attention', 'gradcam_layer4', 'gradcam_layer3'} and {'mean', 'mean_localised'} <= set(table.attribute)
+    assert table.pointing_ceiling.between(0, 1).all()
+    info = json.loads((out/'explanation_summary.json').read_text())
+    assert info['ground_truth'] == 'synth' and info['excluded'] == ['Attractive', 'Blurry']
+    assert set(info['mean']) == {'attention', 'gradcam_layer4', 'gradcam_layer3'}
+    assert (out/'explanation_metrics.png').is_file()
+    assert len(summary) == len(table)

@@ -1,0 +1,216 @@
+"""End-to-end checks of training and evaluation: command-line errors, exact resumption after SIGKILL,
+determinism, the NaN stop, DDP under torchrun, the papermill notebook, reference checkpoints, the demo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+import pytest
+import torch
+from multitask_abn.cli import mtabn_eval, mtabn_train
+from multitask_abn.data import MtabnError
+from multitask_abn.models import create_model, save_model, save_seed_checkpoint
+from multitask_abn.synth import make_synth_celeba
+from multitask_abn.train import NonFiniteLoss, evaluate_run, load_checkpoint, load_config, make_config, train
+
+PROJECT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=32, batch_size=8, epochs=2, eval_batch_size=32, progress=False)
+TINY_FLAGS = ['--recipe', 'demo', '--image_size', '32', '--batch_size', '8', '--epochs', '2', '--quiet']
+
+
+@pytest.fixture(scope='session')
+def synth(tmp_path_factory):
+    "A small SynthCelebA (shared by the tests of this module; never written to)."
+    root = tmp_path_factory.mktemp('synth') / 'celeba'
+    make_synth_celeba(root, n=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope='session')
+def launchers(tmp_path_factory):
+    "Scripts doing what pip's console-script launchers do, so these tests do not depend on the installation."
+    folder = tmp_path_factory.mktemp('bin')
+    for name in ('mtabn_train', 'mtabn_eval', 'mtabn_demo'):
+        (folder / name).write_text(f"import sys\nfrom multitask_abn.cli import {name}\n"
+                                   f"if __name__ == '__main__': sys.exit({name}())\n")
+    return folder
+
+
+def command(launchers, name, *args):
+    return [sys.executable, str(launchers / name), *map(str, args)]
+
+
+@pytest.fixture(scope='session')
+def straight_run(tmp_path_factory, synth):
+    "An uninterrupted tiny demo-recipe run, the reference of the determinism and resumption tests."
+    return train(make_config('demo', data=str(synth), **TINY), tmp_path_factory.mktemp('straight') / 'run')
+
+
+def final_weights(run):
+    return load_checkpoint(Path(run) / 'checkpoints' / 'final.pt')['model_state_dict']
+
+
+def epoch_metrics(run):
+    "metrics.jsonl without the wall-clock times."
+    return [{k: v for k, v in json.loads(line).items() if k != 'epoch_time_s'}
+            for line in (Path(run) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def user_error(capsys, fn, **kwargs) -> str:
+    "Call a console-script function in-process; it must exit 2 with exactly one stderr line; return it."
+    with pytest.raises(SystemExit) as exit_info: fn(**kwargs)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(model='abn_v9_resnet18'), "model='abn_v9_resnet18' (--model)"),
+    (dict(epochs=-3), 'epochs=-3 (--epochs): must be a positive integer'),
+    (dict(batch_size=0), 'batch_size=0 (--batch_size)'),
+    (dict(precision='fp8'), "precision='fp8' (--precision)"),
+    (dict(recipe='paper'), "unknown recipe 'paper'"),
+    (dict(recipe=None), 'no recipe given'),
+    (dict(data='MISSING'), 'CelebA folder not found'),
+    (dict(resume=True), 'nothing to resume'),
+])
+def test_train_user_errors(capsys, tmp_path, synth, overrides, message):
+    args = dict(recipe='demo', data=str(synth), out=str(tmp_path / 'run'), image_size=32, quiet=True)
+    args.update(overrides)
+    if args['data'] == 'MISSING': args['data'] = str(tmp_path / 'missing')
+    err = user_error(capsys, mtabn_train, **args)
+    assert err.startswith('mtabn_train: error: ') and message in err, err
+    assert not (tmp_path / 'run').exists(), 'a failed start must not leave a run folder'
+
+
+def test_eval_user_errors(capsys, tmp_path, synth):
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint at all')
+    three = save_model(create_model('abn_v1_resnet10', num_attributes=3), tmp_path / 'three.pt')
+    forty = save_model(create_model('abn_v1_resnet10'), tmp_path / 'forty.pt')
+    cases = [(dict(path=str(tmp_path / 'nowhere'), data=str(synth)), 'not found'),
+             (dict(path=str(garbage), data=str(synth)), 'garbage.pt'),
+             (dict(path=str(three), data=str(synth)), 'predicts 3 attributes'),
+             (dict(path=str(forty)), 'pass the data folder (--data DIR)'),
+             (dict(path=str(forty), data=str(synth), split='holdout'), "unknown split 'holdout'")]
+    for kwargs, message in cases:
+        err = user_error(capsys, mtabn_eval, image_size=32, **kwargs)
+        assert err.startswith('mtabn_eval: error: ') and message in err, err
+
+
+def test_errors_from_the_command_line(launchers, tmp_path, synth):
+    "The real process: exit status 2, one line on stderr, no traceback."
+    result = subprocess.run(command(launchers, 'mtabn_train', *TINY_FLAGS, '--data', synth, '--out', tmp_path / 'r',
+                                    '--model', 'resnet999'), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and 'Traceback' not in result.stderr
+    assert result.stderr.startswith("mtabn_train: error: model='resnet999' (--model)")
+
+
+def test_run_folder_is_never_silently_replaced(tmp_path, synth):
+    config = make_config('demo', data=str(synth), **{**TINY, 'epochs': 1}, max_train_images=16)
+    run = train(config, tmp_path / 'run')
+    with pytest.raises(MtabnError, match='--overwrite'): train(config, run)
+    (run / 'notes.txt').write_text('a file of the old run')
+    train(config, run, overwrite=True)
+    assert not (run / 'notes.txt').exists() and (run / 'checkpoints' / 'final.pt').is_file()
+
+
+def test_same_seed_same_metrics(tmp_path, synth, straight_run):
+    again = train(load_config(straight_run), tmp_path / 'again')
+    assert epoch_metrics(again) == epoch_metrics(straight_run)
+    a, b = final_weights(straight_run), final_weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synth):
+    config = make_config('demo', data=str(synth), **{**TINY, 'epochs': 3}, lr=1e12, checkpoint_every=1, max_train_images=24)
+    with pytest.raises(NonFiniteLoss, match=r'training stopped: loss is (nan|inf).*latest\.pt \(step (\d+)\)') as info:
+        train(config, tmp_path / 'run')
+    latest = load_checkpoint(tmp_path / 'run' / 'checkpoints' / 'latest.pt')
+    assert f"(step {latest['step']})" in str(info.value)
+    assert all(torch.isfinite(v).all() for v in latest['model_state_dict'].values() if v.is_floating_point())
+    assert not (tmp_path / 'run' / 'checkpoints' / 'final.pt').exists()
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(launchers, tmp_path, synth, straight_run):
+    """Kill a training process (SIGKILL) after its first mid-epoch checkpoint, resume it from the command
+    line, and compare with an uninterrupted run: same final weights bit for bit, same metrics."""
+    run = tmp_path / 'killed'
+    latest = run / 'checkpoints' / 'latest.pt'
+    process = subprocess.Popen(command(launchers, 'mtabn_train', *TINY_FLAGS, '--data', synth, '--out', run,
+                                       '--checkpoint_every', 2), stderr=subprocess.PIPE, text=True)
+    versions = set()                           # each atomic save is a new file (inode): step 0, then step 2
+    while len(versions) < 2 and process.poll() is None:
+        try: versions.add(os.stat(latest).st_ino)
+        except FileNotFoundError: pass
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    assert not (run / 'checkpoints' / 'final.pt').exists()
+    killed_at = load_checkpoint(latest)
+    assert killed_at['batch_in_epoch'] > 0, 'the kill should land mid-epoch'
+    resumed = subprocess.run(command(launchers, 'mtabn_train', '--out', run, '--resume', '--quiet'), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(straight_run), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert epoch_metrics(straight_run) == epoch_metrics(run)
+
+
+def test_reference_checkpoint_evaluation(tmp_path, synth):
+    "A checkpoint in the reference's format (module.* keys) is evaluated beside itself, with the majority baseline."
+    checkpoint = save_seed_checkpoint(create_model('abn_v1_resnet10'), tmp_path / 'reference' / 'checkpoint.pt')
+    summary = evaluate_run(checkpoint, data=synth, split='test', image_size=32, progress=False)
+    saved = json.loads((tmp_path / 'reference' / 'checkpoint_eval' / 'test' / 'summary.json').read_text())
+    assert saved['mean_accuracy'] == pytest.approx(summary['mean_accuracy'])
+    for key in ('mean_balanced_accuracy', 'majority_baseline_mean_accuracy', 'attention_mean_accuracy'):
+        assert 0 <= saved[key] <= 1
+    assert saved['model'] == 'abn_v1_resnet10' and len(saved['per_attribute']) == 40
+
+
+def test_ddp_two_processes(tmp_path, synth, launchers):
+    """torchrun --nproc_per_node 2 on CPU (gloo): rank 0 writes one run folder, and the validation metrics
+    it records cover the whole split (equal to a single-process evaluation of the best checkpoint)."""
+    run = tmp_path / 'ddp'
+    result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--nproc_per_node', '2', '--master_port', '29517',
+                             str(launchers / 'mtabn_train'), *TINY_FLAGS, '--data', synth, '--out', run],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [1, 2]
+    best = load_checkpoint(run / 'checkpoints' / 'best.pt')
+    single = evaluate_run(run, split='valid', progress=False)
+    assert single['mean_accuracy'] == pytest.approx(best['valid_mean_accuracy'], abs=1e-12)
+    assert len(list((run / 'tb').iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_papermill_train_run(tmp_path, synth):
+    run = tmp_path / 'run'
+    result = subprocess.run([Path(sys.executable).parent / 'papermill', 'nbs/train_run.ipynb', str(tmp_path / 'out.ipynb'),
+                             '-p', 'data', str(synth), '-p', 'out', str(run), '-p', 'epochs', '2', '-p', 'seed', '3',
+                             '--cwd', 'nbs'], cwd=PROJECT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / 'config.json').read_text())['seed'] == 3
+    assert len((run / 'metrics.jsonl').read_text().splitlines()) == 2
+    assert 'majority_baseline_mean_accuracy' in json.loads((run / 'eval' / 'test' / 'summary.json').read_text())
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path, launchers):
+    "The demo on a fresh machine: generate, train, evaluate. It must learn well beyond the majority baseline."
+    start = time.perf_counter()
+    result = subprocess.run(command(launchers, 'mtabn_demo', '--data', tmp_path / 'synth', '--out', tmp_path / 'demo'),
+                            capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / 'demo' / 'eval' / 'test' / 'summary.json').read_text())
+    good = sum(v['accuracy'] >= 0.9 for v in summary['per_attribute'].values())
+    print(f"\ndemo: {seconds:.0f} s, mean test accuracy {summary['mean_accuracy']:.4f}, majority baseline "
+          f"{summary['majority_baseline_mean_accuracy']:.4f}, {good} attributes >= 90 %")
+    assert summary['mean_accuracy'] >= summary['majority_baseline_mean_accuracy'] + 0.08
+    assert good >= 10
