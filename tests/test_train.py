@@ -176,7 +176,7 @@ def test_ddp_two_processes(tmp_path, synth, launchers):
     """torchrun --nproc_per_node 2 on CPU (gloo): rank 0 writes one run folder, and the validation metrics
     it records cover the whole split (equal to a single-process evaluation of the best checkpoint)."""
     run = tmp_path / 'ddp'
-    result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--nproc_per_node', '2', '--master_port', '29517',
+    result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--standalone', '--nproc_per_node', '2',
                              str(launchers / 'mtabn_train'), *TINY_FLAGS, '--data', synth, '--out', run],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
