@@ -231,6 +231,15 @@ def test_bench_decision_check_on_a_run_folder(tmp_path, capsys):
     assert summary['size'] == 32 and summary['decision_images'] == min(4, test_images - test_images % 2)
     assert 0.5 <= summary['decisions_equal'] <= 1
     for key in ('eval_speedup', 'train_speedup', 'train_peak_memory_ratio'): assert key in summary
+    combined = main(['models', '--model', 'abn_v2_resnet10', '--num-attributes', '3', '--size', '48', '--checkpoint',
+                     str(tmp_path / 'run'), '--data', str(data), '--batch', '2', '--iters', '1', '--kind', 'eval',
+                     '--no-compile', '--no-memory', '--max-images', '4'])
+    assert combined['model'] == 'abn_v2_resnet10' and combined['size'] == 48
+    assert combined['decision_model'] == 'abn_v1_resnet10' and combined['decision_size'] == 32
+    assert 0.5 <= combined['decisions_equal'] <= 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit): main(['models', '--model', 'abn_v2_resnet10', '--data', str(data)])
+    assert 'pass --checkpoint too' in capsys.readouterr().err
 
 
 @pytest.mark.slow
