@@ -2,6 +2,7 @@
 determinism, the NaN stop, DDP under torchrun, the papermill notebook, reference checkpoints, the demo."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,15 +10,17 @@ import time
 from pathlib import Path
 import pytest
 import torch
+from PIL import Image
 from multitask_abn.cli import mtabn_eval, mtabn_train
-from multitask_abn.data import MtabnError
+from multitask_abn.data import CelebADataset, MtabnError
 from multitask_abn.models import create_model, save_model, save_seed_checkpoint
 from multitask_abn.synth import make_synth_celeba
-from multitask_abn.train import NonFiniteLoss, evaluate_run, load_checkpoint, load_config, make_config, train
+from multitask_abn.train import (Learner, NonFiniteLoss, evaluate, evaluate_run, load_checkpoint, load_config, make_config,
+                                  train)
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, batch_size=8, epochs=2, eval_batch_size=32, progress=False)
-TINY_FLAGS = ['--recipe', 'demo', '--image_size', '32', '--batch_size', '8', '--epochs', '2', '--quiet']
+TINY_FLAGS = ['--recipe', 'demo', '--image-size', '32', '--batch-size', '8', '--epochs', '2', '--quiet']
 
 
 @pytest.fixture(scope='session')
@@ -33,8 +36,9 @@ def launchers(tmp_path_factory):
     "Scripts doing what pip's console-script launchers do, so these tests do not depend on the installation."
     folder = tmp_path_factory.mktemp('bin')
     for name in ('mtabn_train', 'mtabn_eval', 'mtabn_demo'):
-        (folder / name).write_text(f"import sys\nfrom multitask_abn.cli import {name}\n"
+        (folder / name).write_text(f"#!{sys.executable}\nimport sys\nfrom multitask_abn.cli import {name}\n"
                                    f"if __name__ == '__main__': sys.exit({name}())\n")
+        (folder / name).chmod(0o755)          # executable, as `torchrun --no-python` runs it
     return folder
 
 
@@ -70,7 +74,7 @@ def user_error(capsys, fn, **kwargs) -> str:
 @pytest.mark.parametrize('overrides, message', [
     (dict(model='abn_v9_resnet18'), "model='abn_v9_resnet18' (--model)"),
     (dict(epochs=-3), 'epochs=-3 (--epochs): must be a positive integer'),
-    (dict(batch_size=0), 'batch_size=0 (--batch_size)'),
+    (dict(batch_size=0), 'batch_size=0 (--batch-size)'),
     (dict(precision='fp8'), "precision='fp8' (--precision)"),
     (dict(recipe='paper'), "unknown recipe 'paper'"),
     (dict(recipe=None), 'no recipe given'),
@@ -102,12 +106,38 @@ def test_eval_user_errors(capsys, tmp_path, synth):
 
 
 def test_errors_from_the_command_line(launchers, tmp_path, synth):
-    "The real process: exit status 2, one line on stderr, no traceback."
-    result = subprocess.run(command(launchers, 'mtabn_train', *TINY_FLAGS, '--data', synth, '--out', tmp_path / 'r',
-                                    '--model', 'resnet999'), capture_output=True, text=True)
+    "The real process: exit status 2, one line on stderr, no traceback (flags spelled with underscores also work)."
+    result = subprocess.run(command(launchers, 'mtabn_train', '--recipe', 'demo', '--image_size', 32, '--batch_size', 8,
+                                    '--data', synth, '--out', tmp_path / 'r', '--model', 'resnet999'), capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and 'Traceback' not in result.stderr
     assert result.stderr.startswith("mtabn_train: error: model='resnet999' (--model)")
+
+
+def test_flags_are_hyphenated_and_underscores_still_work(launchers, tmp_path, synth):
+    """Every multi-word flag of every console script is shown with hyphens in --help; both spellings parse to
+    the same arguments, and `mtabn_train` with hyphenated flags trains the configuration they name (the
+    underscore spelling through a real process: `test_errors_from_the_command_line`)."""
+    from configparser import ConfigParser
+    import multitask_abn.cli as cli
+    settings = ConfigParser(); settings.read(PROJECT / 'settings.ini')
+    names = [line.split('=')[0].strip() for line in settings['DEFAULT']['console_scripts'].split()]
+    assert 'mtabn_train' in names and 'mtabn_eval' in names
+    for name in names:
+        usage = cli.command_parser(getattr(cli, name).__wrapped__, prog=name).format_usage()
+        assert not re.search(r'--\w*_', usage), usage
+    shown = subprocess.run(command(launchers, 'mtabn_train', '--help'), capture_output=True, text=True).stdout
+    assert '--batch-size' in shown and '--image-size' in shown and '--checkpoint-every' in shown and '--batch_size' not in shown
+    hyphens = ['--recipe', 'demo', '--epochs', '1', '--quiet', '--data', str(synth), '--out', str(tmp_path / 'run'),
+               '--batch-size', '8', '--image-size', '32', '--checkpoint-every', '3']
+    underscores = [flag.replace('-', '_').replace('__', '--', 1) if flag.startswith('--') else flag for flag in hyphens]
+    assert '--checkpoint_every' in underscores
+    parser = cli.command_parser(mtabn_train.__wrapped__)
+    assert vars(parser.parse_args(hyphens)) == vars(parser.parse_args(underscores))
+    result = subprocess.run(command(launchers, 'mtabn_train', *hyphens), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert load_config(tmp_path / 'run') == make_config('demo', data=str(synth), epochs=1, batch_size=8, image_size=32,
+                                                        checkpoint_every=3, progress=False)
 
 
 def test_run_folder_is_never_silently_replaced(tmp_path, synth):
@@ -142,7 +172,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(launchers, tmp_path, syn
     run = tmp_path / 'killed'
     latest = run / 'checkpoints' / 'latest.pt'
     process = subprocess.Popen(command(launchers, 'mtabn_train', *TINY_FLAGS, '--data', synth, '--out', run,
-                                       '--checkpoint_every', 2), stderr=subprocess.PIPE, text=True)
+                                       '--checkpoint-every', 2), stderr=subprocess.PIPE, text=True)
     versions = set()                           # each atomic save is a new file (inode): step 0, then step 2
     while len(versions) < 2 and process.poll() is None:
         try: versions.add(os.stat(latest).st_ino)
@@ -172,19 +202,44 @@ def test_reference_checkpoint_evaluation(tmp_path, synth):
     assert saved['model'] == 'abn_v1_resnet10' and len(saved['per_attribute']) == 40
 
 
+def test_eval_save_attention(launchers, capsys, tmp_path, synth, straight_run):
+    "`mtabn_eval --save-attention` writes one attention grid per evaluated image; a baseline is a one-line error."
+    result = subprocess.run(command(launchers, 'mtabn_eval', straight_run, '--split', 'valid', '--max-images', 3,
+                                    '--save-attention', '--out', tmp_path / 'eval', '--quiet'), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    expected = [f"{Path(name).stem}.jpg" for name in CelebADataset(synth, 'valid').filenames[:3]]
+    grids = sorted((tmp_path / 'eval' / 'valid' / 'attention').iterdir())
+    assert [g.name for g in grids] == sorted(expected)
+    for grid in grids:
+        with Image.open(grid) as image: assert image.format == 'JPEG' and min(image.size) >= 32
+    assert json.loads((tmp_path / 'eval' / 'valid' / 'summary.json').read_text())['num_images'] == 3
+    baseline = save_model(create_model('resnet10'), tmp_path / 'baseline.pt')
+    err = user_error(capsys, mtabn_eval, path=str(baseline), data=str(synth), image_size=32, save_attention=True)
+    assert err.startswith('mtabn_eval: error: ') and 'baseline model without attention maps' in err, err
+    assert not (tmp_path / 'baseline_eval').exists(), 'the error comes before any evaluation output'
+
+
 def test_ddp_two_processes(tmp_path, synth, launchers):
-    """torchrun --nproc_per_node 2 on CPU (gloo): rank 0 writes one run folder, and the validation metrics
-    it records cover the whole split (equal to a single-process evaluation of the best checkpoint)."""
+    """torchrun --nproc_per_node 2 on CPU (gloo): rank 0 writes one run folder. Both processes validate with
+    the same weights and rank 0's BatchNorm running statistics (each rank updates its own in the last step),
+    so what rank 0 records equals a single-process evaluation of the saved checkpoints: the metrics exactly,
+    the validation loss to float tolerance (without the broadcast the loss differs by ~1 %)."""
     run = tmp_path / 'ddp'
-    result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--standalone', '--nproc_per_node', '2',
-                             str(launchers / 'mtabn_train'), *TINY_FLAGS, '--data', synth, '--out', run],
+    result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--standalone', '--nproc_per_node', '2', '--no-python',
+                             launchers / 'mtabn_train', *TINY_FLAGS, '--data', synth, '--out', run],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2]
     best = load_checkpoint(run / 'checkpoints' / 'best.pt')
-    single = evaluate_run(run, split='valid', progress=False)
-    assert single['mean_accuracy'] == pytest.approx(best['valid_mean_accuracy'], abs=1e-12)
+    for name, record in (('final.pt', records[-1]), ('best.pt', records[best['epoch'] - 1])):
+        single = evaluate_run(run / 'checkpoints' / name, split='valid', out=tmp_path / name, progress=False)
+        for key in ('mean_accuracy', 'mean_balanced_accuracy', 'attention_mean_accuracy'):
+            assert single[key] == pytest.approx(record[f'valid_{key}'], abs=1e-12), (name, key)
+    learner = Learner(load_config(run))
+    learner.model.load_state_dict(final_weights(run))
+    _, loss = evaluate(learner.model, learner.valid_ds, loss_fn=learner.loss_fn, train_frequency=learner.train_frequency)
+    assert loss == pytest.approx(records[-1]['valid_loss'], rel=1e-6)
     assert len(list((run / 'tb').iterdir())) == 1
 
 
