@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 DATA ?= data/synth
 RUN ?= runs/demo
 
-.PHONY: install demo test test-slow lab export constraints readme
+.PHONY: install demo test test-slow lab export constraints readme readme-images
 
 install: $(INSTALLED)
 
@@ -49,3 +49,9 @@ constraints:
 # README.md is generated from nbs/index.ipynb.
 readme:
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+	$(BIN)/python -c "import pathlib; p = pathlib.Path('README.md'); p.write_text(p.read_text().replace('](images/', '](nbs/images/'))"
+
+# The README's pictures (nbs/images/*.png, small and tracked) redrawn from a finished run: make readme-images RUN=runs/x
+readme-images: install
+	$(BIN)/python -c "import sys; from multitask_abn.cli import user_errors; from multitask_abn.analysis import write_readme_images; \
+	print(*user_errors('make readme-images')(write_readme_images)(sys.argv[1], 'nbs/images'), sep='\n')" $(RUN)

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multitask_abn.analysis import (PUBLISHED_RESULTS, load_runs, plot_attribute_metric, plot_branches,
-                                    plot_published_comparison, plot_run_comparison, plot_run_delta,
-                                    plot_training_curves, run_sweep, write_fake_run, write_report)
+from multitask_abn.analysis import (GRID_LEGEND, PUBLISHED_RESULTS, README_IMAGE_BYTES, README_IMAGES, load_runs,
+                                    plot_attribute_metric, plot_branches, plot_published_comparison, plot_run_comparison,
+                                    plot_run_delta, plot_training_curves, run_sweep, write_fake_run, write_readme_images,
+                                    write_report)
 from multitask_abn.data import CELEBA_ATTRIBUTES, MtabnError
 
 T = len(CELEBA_ATTRIBUTES)
@@ -96,7 +97,12 @@ def test_comparison_plots(run_dirs):
 
 def test_training_curves_and_published(run_dirs, tmp_path):
     runs = load_runs(run_dirs)
-    assert [len(ax.lines) for ax in plot_training_curves(runs, ['abn_a']).axes] == [2, 3, 1]
+    curves = plot_training_curves(runs, ['abn_a'])
+    assert [len(ax.lines) for ax in curves.axes] == [2, 3, 1]
+    curves.canvas.draw()
+    assert all(float(tick).is_integer() for ax in curves.axes for tick in ax.get_xticks())  # whole epochs only
+    lr_labels = [t.get_text() for t in curves.axes[2].get_yticklabels() if t.get_text()]
+    assert lr_labels and all(label.replace('.', '').isdigit() for label in lr_labels)  # 0.01, not 10^-2
     assert len(plot_published_comparison(runs).axes[0].patches) == len(PUBLISHED_RESULTS)
     celeba = tmp_path / 'CelebA'
     celeba.mkdir()
@@ -154,6 +160,7 @@ def test_report_has_every_section(run_dirs, tmp_path):
     (examples / 'explain' / 'test' / 'attention_examples').mkdir(parents=True)
     from PIL import Image
     Image.new('RGB', (40, 16), 'red').save(examples / 'explain' / 'test' / 'attention_examples' / 'a.jpg')
+    Image.new('RGB', (40, 16), 'blue').save(examples / 'explain' / 'test' / 'explanation_metrics.png')
     pd.DataFrame({'attribute': ['Smiling'], 'energy_inside_part': [0.61]}).to_csv(
         examples / 'explain' / 'test' / 'explanation_metrics.csv', index=False)
     pd.DataFrame({'image': ['000001.jpg'] * 2, 'attribute': ['Smiling', 'Bald']}).to_csv(
@@ -167,11 +174,41 @@ def test_report_has_every_section(run_dirs, tmp_path):
     assert html.count('src="data:image/png;base64,') == len(figures) - 1  # the example JPEG stays a JPEG
     assert html.count('src="data:image/jpeg;base64,') == 1 and 'energy_inside_part' in md
     assert 'explained, further tables: `explain/test/explanation_records.csv`' in md and '000001.jpg' not in md
+    # Summary first (metrics figure, then table), then the legend and the example grids.
+    order = [md.index(s) for s in ('explain/test/explanation_metrics.png', 'energy_inside_part', GRID_LEGEND[:40],
+                                   'explain/test/attention_examples/a.jpg')]
+    assert order == sorted(order)
+    # Numbers right-aligned, text left-aligned: the published table's accuracy cells, not its sources.
+    assert '<td class="number">90.87</td>' in html and '<td>Rudd et al. ECCV 2016</td>' in html
     assert all(f'](figures/{f.name})' in md for f in figures)
     assert 'gone: no run folder here' in md
     for name in ('abn_a', 'abn_b', 'base', 'explained'): assert f'| {name} |' in md or f' {name} ' in md
     bare = write_report(run_dirs[2], tmp_path / 'bare').read_text()
     assert 'No explanation outputs found' in bare and 'None: every file that was looked for was read' in bare
+
+
+def test_readme_images(run_dirs, tmp_path):
+    from PIL import Image
+    explained = write_fake_run(tmp_path / 'explained', seed=5)
+    grids = explained / 'explain' / 'test' / 'attention_examples'
+    grids.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 255, (600, 1200, 3), dtype=np.uint8)  # incompressible: must shrink
+    Image.fromarray(noise).save(grids / '000002.jpg', quality=95)
+    Image.new('RGB', (80, 40), 'red').save(grids / '000009.jpg')
+    out = tmp_path / 'images'
+    written = write_readme_images(explained, out)
+    assert [p.name for p in written] == list(README_IMAGES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(README_IMAGES)
+    assert all(p.stat().st_size <= README_IMAGE_BYTES for p in written)
+    grid = Image.open(out / 'attention_grid.png')
+    assert grid.mode == 'P' and 200 < grid.width < 1200  # the first grid (000002), shrunk into the budget
+    assert Image.open(out / 'per_attribute_accuracy.png').size == (600, round(80 * (1.5 + 0.22 * T)))
+    baseline = write_readme_images(run_dirs[2], out)  # no attention branch, no explain outputs
+    assert sorted(p.name for p in baseline) == sorted(p.name for p in out.iterdir()) == [
+        'per_attribute_accuracy.png', 'training_curves.png']
+    unevaluated = write_fake_run(tmp_path / 'unevaluated', splits=())
+    with pytest.raises(MtabnError, match='evaluate the run first'): write_readme_images(unevaluated, out)
+    with pytest.raises(MtabnError, match='expected one run folder'): write_readme_images(tmp_path, out)
 
 
 def _script(name: str, bin_dir: Path, tmp_path: Path) -> list[str]:
