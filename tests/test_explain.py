@@ -174,7 +174,6 @@ def test_gradcam_comparison_runs_on_tiny_models(abn, faces):
     present = faces.labels[:4, [CELEBA_ATTRIBUTES.index(a) for a in attributes]]
     assert set(records.method) == {'attention', 'gradcam'}
     assert len(records) == 2 * int(present.sum()) and (records.label == 1).all()     # present attributes only
-    assert records.pointing_game.isin([0, 1]).all() and records.pointing_ceiling.isin([0, 1]).all()
     assert records.energy_share.dropna().between(0, 1).all()                        # NaN: a constant map
     per_attribute = records.groupby(['method', 'attribute']).deletion_auc.count()
     assert (per_attribute == 1).all()                                                # deletion_images=1 per attribute
@@ -298,7 +297,8 @@ def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
     assert len(list((out/'attention_examples').glob('*.jpg'))) == 3
     table = pd.read_csv(out/'explanation_metrics.csv')
     assert set(table.method) == {'attention', 'gradcam_layer4', 'gradcam_layer3'} and {'mean', 'mean_localised'} <= set(table.attribute)
-    assert table.pointing_ceiling.between(0, 1).all()
+    ceilings = table.pivot(index='attribute', columns='method', values='pointing_ceiling')
+    pd.testing.assert_series_equal(ceilings.attention, ceilings.gradcam_layer3, check_names=False)  # both 4x4 at 64 px
     info = json.loads((out/'explanation_summary.json').read_text())
     assert info['ground_truth'] == 'synth' and info['excluded'] == ['Attractive', 'Blurry']
     assert set(info['mean']) == {'attention', 'gradcam_layer4', 'gradcam_layer3'}
