@@ -10,9 +10,8 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from .data import MtabnError
-from .models import attribute_logits, create_model, load_model, optimize_for_inference
+from .models import attribute_logits, create_model, load_model, optimize_for_inference, saved_config
 from .losses import make_loss
-from .explain import saved_config
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'subcommand', 'main', 'time_round_robin', 'step_peak_memory_mb',

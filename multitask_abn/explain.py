@@ -6,7 +6,6 @@
 from __future__ import annotations
 import io
 import json
-import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import (CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
                                 denormalize, get_transform, load_image)
-from .models import attribute_logits, attribute_probabilities, load_model
+from .models import attribute_logits, attribute_probabilities, inference_settings, load_model, saved_config
 from .synth import ATTRIBUTE_PARTS, PART_DIR, attribute_mask, load_part_map
 
 # %% auto #0
@@ -35,8 +34,7 @@ __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGI
            'transform_preset', 'images_to_uint8', 'evaluating', 'eval_output', 'explanations_from_output',
            'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency', 'gradcam_saliency', 'resize_mask',
            'AttributeRegions', 'explanation_records', 'summarize_explanations', 'plot_explanation_metrics',
-           'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'saved_config',
-           'inference_settings', 'predict', 'explain_run']
+           'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
 # %% ../nbs/05_explain.ipynb #f3c9fbc0
 SCALE_MODES = ('pos', 'neg', 'both')
@@ -623,21 +621,6 @@ def image_files(paths) -> list[Path]:
         if path.is_dir(): files += sorted(f for f in path.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else: files.append(path)
     return files
-
-def saved_config(path: Path) -> dict:
-    "The training config saved with a checkpoint (or its run folder); {} if there is none."
-    if path.is_file():
-        try: saved = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError): saved = None  # load_model explains
-        if isinstance(saved, dict) and isinstance(saved.get('config'), dict): return saved['config']
-    run_config = path/'config.json' if path.is_dir() else path.parent.parent/'config.json'
-    if run_config.is_file() and (path.is_dir() or path.parent.name == 'checkpoints'): return json.loads(run_config.read_text())
-    return {}
-
-def inference_settings(checkpoint, transform: str | None = None, image_size: int | None = None) -> tuple[str, int]:
-    "(transform preset, image size) for a checkpoint: the arguments, else its training config, else ('fukui2019', 224)."
-    config = saved_config(Path(checkpoint))
-    return transform or config.get('transform', 'fukui2019'), image_size or config.get('image_size', 224)
 
 def _unique_name(stem: str, taken: set) -> str:
     name, k = f"{stem}.jpg", 1

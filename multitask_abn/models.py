@@ -19,13 +19,13 @@ from .data import MtabnError, NUM_ATTRIBUTES
 
 # %% auto #0
 __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTION_DEFAULTS', 'EXACT_EXECUTION', 'STACK_BYTES',
-           'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY',
-           'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone', 'AttributeBatchNorm2d',
-           'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model', 'imagenet_weights_file',
-           'load_imagenet_weights', 'atomic_write', 'save_model', 'load_model', 'from_seed_names', 'to_seed_names',
-           'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
-           'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
-           'optimize_for_inference']
+           'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE',
+           'SEED_PRESET_KEY', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
+           'AttributeBatchNorm2d', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model',
+           'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file',
+           'load_model', 'saved_config', 'inference_settings', 'from_seed_names', 'to_seed_names', 'infer_seed_model',
+           'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint', 'fake_seed_state_dict',
+           'execution_differences', 'fold_batchnorm', 'compile_for_inference', 'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -436,7 +436,7 @@ def _load_state(model: nn.Module, state: dict, source):
 
 RUN_CHECKPOINTS = ('best.pt', 'final.pt', 'latest.pt')
 
-def _checkpoint_file(path) -> Path:
+def checkpoint_file(path) -> Path:
     "A checkpoint file, or a run folder's checkpoints/best.pt (then final.pt, latest.pt)."
     path = Path(path)
     if not path.is_dir(): return path
@@ -447,7 +447,7 @@ def _checkpoint_file(path) -> Path:
 def load_model(path, map_location='cpu', **execution) -> nn.Module:
     """Load our checkpoint, a run folder (RUN/checkpoints/best.pt) or a reference checkpoint; returns the
     model in eval mode. `execution`: execution options (e.g. `perception='loop'`)."""
-    path = _checkpoint_file(path)
+    path = checkpoint_file(path)
     checkpoint = _torch_load(path, 'checkpoint')
     if isinstance(checkpoint, dict) and 'model_spec' in checkpoint:
         spec = {**checkpoint['model_spec'], **execution}
@@ -455,6 +455,27 @@ def load_model(path, map_location='cpu', **execution) -> nn.Module:
         _load_state(model, checkpoint['model_state_dict'], path)
     else: model = load_seed_checkpoint(path, **execution)
     return model.to(map_location).eval()
+
+REFERENCE_INPUT = ('fukui2019', 224)   # the reference's transform preset and image size
+
+def saved_config(path) -> dict:
+    """The training config saved in a checkpoint, else in its run folder's config.json; {} when there is none
+    (reference checkpoints). An unreadable checkpoint gives {}: `load_model` explains what is wrong with it."""
+    path = checkpoint_file(path)
+    if path.is_file():
+        try: saved = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError): saved = None
+        if isinstance(saved, dict) and isinstance(saved.get('config'), dict): return saved['config']
+    run_config = path.parent.parent/'config.json'
+    if path.parent.name != 'checkpoints' or not run_config.is_file(): return {}
+    try: return json.loads(run_config.read_text())
+    except ValueError as e: raise MtabnError(f"{run_config}: not valid JSON ({e}); restore or delete it") from None
+
+def inference_settings(path, transform: str | None = None, image_size: int | None = None) -> tuple[str, int]:
+    """(transform preset, image size) to feed a checkpoint or run folder: the arguments, else what it was
+    trained with, else the reference's."""
+    config = saved_config(path)
+    return transform or config.get('transform', REFERENCE_INPUT[0]), image_size or config.get('image_size', REFERENCE_INPUT[1])
 
 # %% ../nbs/02_models.ipynb #469c6ec2
 SEED_PREFIX = 'module.'

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, pos_weight, positive_frequency)
-from .models import create_model, list_models, load_model, save_model
+from .models import (checkpoint_file, create_model, inference_settings, list_models, load_model,
+                                  save_model, saved_config)
 from .losses import LOSS_NAMES, make_loss
 from .metrics import AttributeMetrics, attribute_table, summarize, write_results, write_text_atomic
 
@@ -526,19 +527,12 @@ def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int
     """Evaluate a run folder or checkpoint on `split`; write summary.json + per_attribute.csv; return the summary.
     `with_model(model, split_dataset, results_dir)` is called before the evaluation (e.g. to save attention grids)."""
     path = Path(path)
-    if path.is_dir():
-        run_config, checkpoint = load_config(path), path / 'checkpoints' / 'best.pt'
-        out_root = Path(out) if out else path / 'eval'
-    elif path.is_file():
-        checkpoint = path
-        run_file = path.parent.parent / 'config.json'
-        run_config = load_config(run_file) if path.parent.name == 'checkpoints' and run_file.is_file() else None
-        out_root = Path(out) if out else path.parent / f'{path.stem}_eval'
-    else: raise MtabnError(f"{path} not found: pass a run folder or a checkpoint file")
-    data = data or (run_config.data if run_config else None)
-    if data is None: raise MtabnError(f"{path} is not inside a run folder: pass the data folder (--data DIR)")
-    image_size = image_size or (run_config.image_size if run_config else 224)
-    transform = transform or (run_config.transform if run_config else 'fukui2019')
+    if not path.exists(): raise MtabnError(f"{path} not found: pass a run folder or a checkpoint file")
+    checkpoint = checkpoint_file(path)
+    out_root = Path(out) if out else path / 'eval' if path.is_dir() else path.parent / f'{path.stem}_eval'
+    data = data or saved_config(path).get('data')
+    if data is None: raise MtabnError(f"{path} does not record its training data: pass the data folder (--data DIR)")
+    transform, image_size = inference_settings(path, transform, image_size)
     device = resolve_device(device)
     model = load_model(checkpoint).to(device)
     if model.num_attributes != NUM_ATTRIBUTES:
