@@ -1,7 +1,5 @@
 "End-to-end checks of multitask_abn.analysis: run loading, plots, papermill sweeps, the report and its console scripts."
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -211,19 +209,9 @@ def test_readme_images(run_dirs, tmp_path):
     with pytest.raises(MtabnError, match='expected one run folder'): write_readme_images(tmp_path, out)
 
 
-def _script(name: str, bin_dir: Path, tmp_path: Path) -> list[str]:
-    "The installed console script, or (before settings.ini lists it) a launcher doing what its entry point does."
-    if (bin_dir / name).exists(): return [str(bin_dir / name)]
-    launcher = tmp_path / f'{name}.py'
-    launcher.write_text(f"from multitask_abn.cli import {name}\n{name}()\n")
-    return [sys.executable, str(launcher)]
-
-
-def test_mtabn_report_cli(run_dirs, bin_dir, tmp_path, capsys):
-    command = _script('mtabn_report', bin_dir, tmp_path)
+def test_mtabn_report_cli(run_dirs, console, tmp_path, capsys):
     out = tmp_path / 'r'
-    done = subprocess.run([*command, str(run_dirs[2]), str(tmp_path / 'missing'), '--out', str(out)],
-                          capture_output=True, text=True)
+    done = console('mtabn_report', run_dirs[2], tmp_path / 'missing', '--out', out)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out / 'report.html') and (out / 'report.md').is_file()
     assert 'missing: no run folder here' in (out / 'report.md').read_text()
@@ -234,11 +222,10 @@ def test_mtabn_report_cli(run_dirs, bin_dir, tmp_path, capsys):
     assert err.startswith('mtabn_report: error: no readable run folder') and len(err.splitlines()) == 1
 
 
-def test_mtabn_sweep_cli(bin_dir, tmp_path):
+def test_mtabn_sweep_cli(console, tmp_path):
     notebook, log = _write_toy_notebook(tmp_path / 'toy.ipynb'), tmp_path / 'log'
-    command = [*_script('mtabn_sweep', bin_dir, tmp_path), '{"value": [1, 2]}', '--out', str(tmp_path / 's'),
-               '--notebook', str(notebook), '--param', f'log={log}', 'fail_on=2']
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = console('mtabn_sweep', '{"value": [1, 2]}', '--out', tmp_path / 's', '--notebook', notebook,
+                   '--param', f'log={log}', 'fail_on=2')
     assert done.returncode == 1, done.stderr
     assert 'failed' in done.stdout and 'value=2' in done.stdout
     assert log.read_text().split() == ['1', '2']  # the failure did not stop the sweep

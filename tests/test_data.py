@@ -1,5 +1,4 @@
 "End-to-end checks of the data layer through its public API and the `mtabn_verify` console script."
-import subprocess
 import numpy as np
 import pytest
 import torch
@@ -23,12 +22,10 @@ def celeba(tmp_path):
     return root
 
 
-def verify(bin_dir, root):
-    return subprocess.run([bin_dir/'mtabn_verify', str(root)], capture_output=True, text=True)
 
 
-def test_verify_prints_summary(bin_dir, celeba):
-    result = verify(bin_dir, celeba.parent)  # torchvision's layout: the parent of celeba/
+def test_verify_prints_summary(console, celeba):
+    result = console('mtabn_verify', celeba.parent)  # torchvision's layout: the parent of celeba/
     assert result.returncode == 0, result.stderr
     assert '9 images, all present' in result.stdout
     assert 'train' in result.stdout and 'Young' in result.stdout
@@ -39,9 +36,9 @@ def test_verify_prints_summary(bin_dir, celeba):
     (lambda r: (r/IMAGE_DIR/'000004.jpg').unlink(), '000004.jpg not found'),
     (lambda r: (r/ATTRIBUTE_FILE).write_text((r/ATTRIBUTE_FILE).read_text().replace(' 1 -1', ' 2 -1', 1)), "line 3: label '2'"),
 ])
-def test_verify_names_the_problem(bin_dir, celeba, break_it, message):
+def test_verify_names_the_problem(console, celeba, break_it, message):
     break_it(celeba)
-    result = verify(bin_dir, celeba)
+    result = console('mtabn_verify', celeba)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('mtabn_verify: error: ') and message in lines[0], result.stderr

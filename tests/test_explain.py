@@ -1,7 +1,5 @@
 "End-to-end checks of `multitask_abn.explain`: scaling, the two renderers, explanation metrics, Grad-CAM, prediction."
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -19,20 +17,6 @@ from multitask_abn.explain import (AttributeRegions, Explanation, attention_grid
 from multitask_abn.models import create_model, save_model, save_seed_checkpoint
 
 TYPICAL_LANDMARKS = [69, 111, 108, 111, 88, 135, 72, 152, 105, 152]
-
-
-@pytest.fixture(scope='module')
-def cli(bin_dir, tmp_path_factory):
-    "Run a console script: the installed one, or the same function as a script file until it is installed."
-    def run(name, *args):
-        script = bin_dir/name
-        if not script.exists():
-            script = tmp_path_factory.mktemp('scripts')/f'{name}.py'
-            script.write_text(f'from multitask_abn.cli import {name}\n{name}()\n')
-            command = [sys.executable, script]
-        else: command = [script]
-        return subprocess.run([*map(str, command), *map(str, args)], capture_output=True, text=True)
-    return run
 
 
 @pytest.fixture(scope='module')
@@ -230,10 +214,10 @@ def test_predict_reads_odd_image_modes_like_their_rgb_equivalents(checkpoint, tm
     assert sorted(p.name for p in (tmp_path/'out'/'attention').iterdir()) == sorted(f'{Path(n).stem}.jpg' for n in probs)
 
 
-def test_mtabn_predict_reports_a_corrupt_file_and_does_the_others(cli, checkpoint, tmp_path):
+def test_mtabn_predict_reports_a_corrupt_file_and_does_the_others(console, checkpoint, tmp_path):
     Image.new('RGB', (50, 60), 'white').save(tmp_path/'good.jpg')
     (tmp_path/'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated jpeg')
-    result = cli('mtabn_predict', '--checkpoint', checkpoint, tmp_path/'corrupt.jpg', tmp_path/'good.jpg',
+    result = console('mtabn_predict', '--checkpoint', checkpoint, tmp_path/'corrupt.jpg', tmp_path/'good.jpg',
                  tmp_path/'missing.png', '--out', tmp_path/'out')
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -246,12 +230,12 @@ def test_mtabn_predict_reports_a_corrupt_file_and_does_the_others(cli, checkpoin
     assert (tmp_path/'out'/'attention'/'good.jpg').is_file()
 
 
-def test_mtabn_predict_with_a_reference_checkpoint(cli, tmp_path):
+def test_mtabn_predict_with_a_reference_checkpoint(console, tmp_path):
     torch.manual_seed(1)
     model = create_model('abn_v1_resnet18').eval()
     reference = save_seed_checkpoint(model, tmp_path/'seed'/'checkpoint.pt')
     Image.new('RGB', (178, 218), 'gray').save(tmp_path/'face.png')
-    result = cli('mtabn_predict', '--checkpoint', reference, tmp_path/'face.png', '--out', tmp_path/'out',
+    result = console('mtabn_predict', '--checkpoint', reference, tmp_path/'face.png', '--out', tmp_path/'out',
                  '--image_size', 64)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path/'out'/'predictions.csv')
@@ -261,9 +245,9 @@ def test_mtabn_predict_with_a_reference_checkpoint(cli, tmp_path):
     assert (tmp_path/'out'/'attention'/'face.jpg').is_file()
 
 
-def test_mtabn_predict_rejects_a_missing_checkpoint(cli, tmp_path):
+def test_mtabn_predict_rejects_a_missing_checkpoint(console, tmp_path):
     Image.new('RGB', (50, 60)).save(tmp_path/'a.png')
-    result = cli('mtabn_predict', '--checkpoint', tmp_path/'nope.pt', tmp_path/'a.png', '--out', tmp_path/'out')
+    result = console('mtabn_predict', '--checkpoint', tmp_path/'nope.pt', tmp_path/'a.png', '--out', tmp_path/'out')
     assert result.returncode == 2 and 'nope.pt' in result.stderr and 'Traceback' not in result.stderr
 
 

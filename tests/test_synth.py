@@ -1,7 +1,5 @@
 "SynthCelebA (multitask_abn.synth): layout, determinism, part maps, label rules, frequencies, evidence, console script."
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -191,23 +189,13 @@ def test_interrupted_folder_is_regenerated(tmp_path):
     assert CelebA(out).attributes.shape == (6, 40) and '"complete": true' in (out / MARKER_FILE).read_text()
 
 
-def _console(tmp_path, *args):
-    "Run the installed `mtabn_synth` script, or (not yet installed) its entry point from a script file."
-    script = Path(sys.executable).parent / 'mtabn_synth'
-    if not script.exists():
-        script = tmp_path / 'mtabn_synth.py'
-        script.write_text('import sys\nfrom multitask_abn.cli import mtabn_synth\nsys.exit(mtabn_synth())\n')
-    command = [str(script)] if script.suffix != '.py' else [sys.executable, str(script)]
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300)
-
-
-def test_console_script(tmp_path):
-    result = _console(tmp_path, tmp_path / 'synth', '--n', 20, '--seed', 5)
+def test_console_script(console, tmp_path):
+    result = console('mtabn_synth', tmp_path / 'synth', '--n', 20, '--seed', 5)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{tmp_path / 'synth'}: 20 SynthCelebA images (seed 5): train 16, valid 2, test 2"
     assert CelebA(tmp_path / 'synth').attributes.shape == (20, 40)
     assert folder_bytes(tmp_path / 'synth') == folder_bytes(make_synth_celeba(tmp_path / 'lib', n=20, seed=5))
-    bad = _console(tmp_path, tmp_path / 'bad', '--n', 0)
+    bad = console('mtabn_synth', tmp_path / 'bad', '--n', 0)
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["mtabn_synth: error: n=0: must be an integer from 1 to 999999 "
                                                "(the number of images to generate, e.g. 1000)"]

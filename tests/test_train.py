@@ -32,21 +32,6 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def launchers(tmp_path_factory):
-    "Scripts doing what pip's console-script launchers do, so these tests do not depend on the installation."
-    folder = tmp_path_factory.mktemp('bin')
-    for name in ('mtabn_train', 'mtabn_eval', 'mtabn_demo'):
-        (folder / name).write_text(f"#!{sys.executable}\nimport sys\nfrom multitask_abn.cli import {name}\n"
-                                   f"if __name__ == '__main__': sys.exit({name}())\n")
-        (folder / name).chmod(0o755)          # executable, as `torchrun --no-python` runs it
-    return folder
-
-
-def command(launchers, name, *args):
-    return [sys.executable, str(launchers / name), *map(str, args)]
-
-
-@pytest.fixture(scope='session')
 def straight_run(tmp_path_factory, synth):
     "An uninterrupted tiny demo-recipe run, the reference of the determinism and resumption tests."
     return train(make_config('demo', data=str(synth), **TINY), tmp_path_factory.mktemp('straight') / 'run')
@@ -105,16 +90,16 @@ def test_eval_user_errors(capsys, tmp_path, synth):
         assert err.startswith('mtabn_eval: error: ') and message in err, err
 
 
-def test_errors_from_the_command_line(launchers, tmp_path, synth):
+def test_errors_from_the_command_line(console, tmp_path, synth):
     "The real process: exit status 2, one line on stderr, no traceback (flags spelled with underscores also work)."
-    result = subprocess.run(command(launchers, 'mtabn_train', '--recipe', 'demo', '--image_size', 32, '--batch_size', 8,
-                                    '--data', synth, '--out', tmp_path / 'r', '--model', 'resnet999'), capture_output=True, text=True)
+    result = console('mtabn_train', '--recipe', 'demo', '--image_size', 32, '--batch_size', 8,
+                     '--data', synth, '--out', tmp_path / 'r', '--model', 'resnet999')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and 'Traceback' not in result.stderr
     assert result.stderr.startswith("mtabn_train: error: model='resnet999' (--model)")
 
 
-def test_flags_are_hyphenated_and_underscores_still_work(launchers, tmp_path, synth):
+def test_flags_are_hyphenated_and_underscores_still_work(console, tmp_path, synth):
     """Every multi-word flag of every console script is shown with hyphens in --help; both spellings parse to
     the same arguments, and `mtabn_train` with hyphenated flags trains the configuration they name (the
     underscore spelling through a real process: `test_errors_from_the_command_line`)."""
@@ -126,7 +111,7 @@ def test_flags_are_hyphenated_and_underscores_still_work(launchers, tmp_path, sy
     for name in names:
         usage = cli.command_parser(getattr(cli, name).__wrapped__, prog=name).format_usage()
         assert not re.search(r'--\w*_', usage), usage
-    shown = subprocess.run(command(launchers, 'mtabn_train', '--help'), capture_output=True, text=True).stdout
+    shown = console('mtabn_train', '--help').stdout
     assert '--batch-size' in shown and '--image-size' in shown and '--checkpoint-every' in shown and '--batch_size' not in shown
     hyphens = ['--recipe', 'demo', '--epochs', '1', '--quiet', '--data', str(synth), '--out', str(tmp_path / 'run'),
                '--batch-size', '8', '--image-size', '32', '--checkpoint-every', '3']
@@ -134,7 +119,7 @@ def test_flags_are_hyphenated_and_underscores_still_work(launchers, tmp_path, sy
     assert '--checkpoint_every' in underscores
     parser = cli.command_parser(mtabn_train.__wrapped__)
     assert vars(parser.parse_args(hyphens)) == vars(parser.parse_args(underscores))
-    result = subprocess.run(command(launchers, 'mtabn_train', *hyphens), capture_output=True, text=True)
+    result = console('mtabn_train', *hyphens)
     assert result.returncode == 0, result.stderr
     assert load_config(tmp_path / 'run') == make_config('demo', data=str(synth), epochs=1, batch_size=8, image_size=32,
                                                         checkpoint_every=3, progress=False)
@@ -166,13 +151,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synth):
     assert not (tmp_path / 'run' / 'checkpoints' / 'final.pt').exists()
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(launchers, tmp_path, synth, straight_run):
+def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(console, tmp_path, synth, straight_run):
     """Kill a training process (SIGKILL) after its first mid-epoch checkpoint, resume it from the command
     line, and compare with an uninterrupted run: same final weights bit for bit, same metrics."""
     run = tmp_path / 'killed'
     latest = run / 'checkpoints' / 'latest.pt'
-    process = subprocess.Popen(command(launchers, 'mtabn_train', *TINY_FLAGS, '--data', synth, '--out', run,
-                                       '--checkpoint-every', 2), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(console.command('mtabn_train', *TINY_FLAGS, '--data', synth, '--out', run,
+                                               '--checkpoint-every', 2), stderr=subprocess.PIPE, text=True)
     versions = set()                           # each atomic save is a new file (inode): step 0, then step 2
     while len(versions) < 2 and process.poll() is None:
         try: versions.add(os.stat(latest).st_ino)
@@ -184,7 +169,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(launchers, tmp_path, syn
     assert not (run / 'checkpoints' / 'final.pt').exists()
     killed_at = load_checkpoint(latest)
     assert killed_at['batch_in_epoch'] > 0, 'the kill should land mid-epoch'
-    resumed = subprocess.run(command(launchers, 'mtabn_train', '--out', run, '--resume', '--quiet'), capture_output=True, text=True)
+    resumed = console('mtabn_train', '--out', run, '--resume', '--quiet')
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(straight_run), final_weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -202,10 +187,10 @@ def test_reference_checkpoint_evaluation(tmp_path, synth):
     assert saved['model'] == 'abn_v1_resnet10' and len(saved['per_attribute']) == 40
 
 
-def test_eval_save_attention(launchers, capsys, tmp_path, synth, straight_run):
+def test_eval_save_attention(console, capsys, tmp_path, synth, straight_run):
     "`mtabn_eval --save-attention` writes one attention grid per evaluated image; a baseline is a one-line error."
-    result = subprocess.run(command(launchers, 'mtabn_eval', straight_run, '--split', 'valid', '--max-images', 3,
-                                    '--save-attention', '--out', tmp_path / 'eval', '--quiet'), capture_output=True, text=True)
+    result = console('mtabn_eval', straight_run, '--split', 'valid', '--max-images', 3,
+                     '--save-attention', '--out', tmp_path / 'eval', '--quiet')
     assert result.returncode == 0, result.stderr
     expected = [f"{Path(name).stem}.jpg" for name in CelebADataset(synth, 'valid').filenames[:3]]
     grids = sorted((tmp_path / 'eval' / 'valid' / 'attention').iterdir())
@@ -219,7 +204,7 @@ def test_eval_save_attention(launchers, capsys, tmp_path, synth, straight_run):
     assert not (tmp_path / 'baseline_eval').exists(), 'the error comes before any evaluation output'
 
 
-def test_ddp_two_processes(tmp_path, synth, launchers):
+def test_ddp_two_processes(tmp_path, synth, console):
     """torchrun --nproc_per_node 2 on CPU (gloo), in float32 (the demo recipe's bf16 rounds differently per batch
     shape): rank 0 writes one run folder. Both processes validate with
     the same weights and rank 0's BatchNorm running statistics (each rank updates its own in the last step),
@@ -227,7 +212,7 @@ def test_ddp_two_processes(tmp_path, synth, launchers):
     the validation loss to float tolerance (without the broadcast the loss differs by ~1 %)."""
     run = tmp_path / 'ddp'
     result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--standalone', '--nproc_per_node', '2', '--no-python',
-                             launchers / 'mtabn_train', *TINY_FLAGS, '--precision', 'fp32', '--data', synth, '--out', run],
+                             console.folder / 'mtabn_train', *TINY_FLAGS, '--precision', 'fp32', '--data', synth, '--out', run],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
@@ -257,11 +242,10 @@ def test_papermill_train_run(tmp_path, synth):
 
 
 @pytest.mark.slow
-def test_demo_learns(tmp_path, launchers):
+def test_demo_learns(tmp_path, console):
     "The demo on a fresh machine: generate, train, evaluate. It must learn well beyond the majority baseline."
     start = time.perf_counter()
-    result = subprocess.run(command(launchers, 'mtabn_demo', '--data', tmp_path / 'synth', '--out', tmp_path / 'demo'),
-                            capture_output=True, text=True)
+    result = console('mtabn_demo', '--data', tmp_path / 'synth', '--out', tmp_path / 'demo')
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / 'demo' / 'eval' / 'test' / 'summary.json').read_text())
