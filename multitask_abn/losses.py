@@ -4,7 +4,6 @@
 
 # %% ../nbs/03a_losses.ipynb #c51c28f4
 from __future__ import annotations
-import math
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
