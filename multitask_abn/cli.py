@@ -77,7 +77,7 @@ def mtabn_verify(
 # %% ../nbs/07_cli.ipynb #a6793a0f
 @command
 def mtabn_train(
-    recipe: str = None,  # training recipe: fukui2019, v1 or demo (not needed with --resume)
+    recipe: str = None,  # training recipe: fukui2019, v1, demo or explain (not needed with --resume)
     data: str = None,  # CelebA-layout folder (real CelebA or SynthCelebA)
     out: str = None,  # run folder to create, or to continue with --resume
     model: str = None,  # model name (multitask_abn.models.list_models())
@@ -205,12 +205,14 @@ def mtabn_demo(
     out: str = 'runs/demo',  # run folder (a previous demo run there is replaced)
     n: int = None,  # images to generate if the data folder is missing (default: multitask_abn.train.DEMO_IMAGES)
     report: str = None,  # report folder (default: OUT/report)
+    recipe: str = 'demo',  # training recipe: demo (minutes) or explain (sharper maps, longer)
+    metrics_images: int = 64,  # test images the explanation metrics are measured on
 ):
     "Train, evaluate, explain and report on SynthCelebA (or the CelebA-layout folder given): the workbook end to end."
     from multitask_abn.train import run_demo
     from multitask_abn.explain import explain_run
     from multitask_abn.analysis import write_report
     with user_errors('mtabn_demo'):
-        run_demo(data, out, n=n)
-        print(explain_run(out, data, split='test', n=8, metrics_images=64).to_string())
+        run_demo(data, out, n=n, recipe=recipe)
+        print(explain_run(out, data, split='test', n=8, metrics_images=metrics_images).to_string())
         print(f"report: {write_report([out], report or Path(out)/'report')}")

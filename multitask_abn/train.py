@@ -82,6 +82,7 @@ RECIPES = {
     'demo': dict(model='abn_v1_resnet10', transform='eval', image_size=80, precision='bf16', epochs=4, batch_size=32, lr=0.05,
                  milestones=[3], eval_batch_size=128, seed=0),
 }
+RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 97, 'use_pos_weight': True, 'epochs': 6, 'milestones': [4]}
 
 # %% ../nbs/04_train.ipynb #b6b9403e
 def _flag(name: str) -> str: return '--' + name.replace('_', '-')   # as the console scripts spell it (multitask_abn.cli)
@@ -130,7 +131,7 @@ def config_from_dict(values: dict) -> TrainConfig:
     return check_config(TrainConfig(**values))
 
 def make_config(recipe: str = 'v1', **overrides) -> TrainConfig:
-    "The config of recipe `recipe` ('fukui2019', 'v1', 'demo') with `overrides` (None values ignored)."
+    "The config of recipe `recipe` (a key of `RECIPES`) with `overrides` (None values ignored)."
     if recipe not in RECIPES: raise MtabnError(f"unknown recipe {recipe!r} (--recipe): choose one of {', '.join(RECIPES)}")
     return config_from_dict({'recipe': recipe, **RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -560,14 +561,15 @@ def format_results(df, summary: dict) -> str:
 # %% ../nbs/04_train.ipynb #eaab28e9
 DEMO_IMAGES = 3000
 
-def run_demo(data='data/synth', out='runs/demo', n: int | None = None, show: bool = True, **overrides) -> dict:
-    "Generate SynthCelebA in `data` if missing, train the demo recipe into `out`, evaluate on test; return the summary."
+def run_demo(data='data/synth', out='runs/demo', n: int | None = None, show: bool = True, recipe: str = 'demo', **overrides) -> dict:
+    "Generate SynthCelebA in `data` if missing, train `recipe` into `out`, evaluate on test; return the summary."
     from multitask_abn.synth import make_synth_celeba
     data, start = Path(data), time.perf_counter()
+    make_config(recipe, data=str(data), **overrides)   # a bad recipe or option fails before any image is drawn
     if not (data / 'list_attr_celeba.txt').is_file():
         if show: print(f"generating SynthCelebA ({n or DEMO_IMAGES} images) in {data} ...")
         make_synth_celeba(data, n=n or DEMO_IMAGES, seed=0, num_workers=2)
-    run = train('demo', out, overwrite=True, data=str(data), **{'progress': show, **overrides})
+    run = train(recipe, out, overwrite=True, data=str(data), **{'progress': show, **overrides})
     summary = evaluate_run(run, split='test', progress=show, show=show)
-    if show: print(f"demo finished in {time.perf_counter() - start:.0f} s; run folder {run}")
+    if show: print(f"{recipe} finished in {time.perf_counter() - start:.0f} s; run folder {run}")
     return summary
