@@ -637,7 +637,7 @@ def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, s
     model = load_model(checkpoint)
     if model.num_attributes != NUM_ATTRIBUTES:
         raise MtabnError(f"{checkpoint} predicts {model.num_attributes} attributes, not CelebA's {NUM_ATTRIBUTES}")
-    preset, size = inference_settings(checkpoint, transform, image_size)
+    preset, size = inference_settings(saved_config(checkpoint), transform, image_size)
     to_tensor, out_dir = get_transform(preset, size), Path(out_dir)
     if grids and not model.preset.attention_branch:
         report(f"note: {checkpoint} is a baseline without attention maps: predictions only, no attention grids")
@@ -666,8 +666,8 @@ def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, s
 # %% ../nbs/05_explain.ipynb #e2454f5e
 VIEW_ATTRIBUTES = ('Eyeglasses', 'Smiling', 'Wearing_Hat', 'Big_Nose', 'Mustache')
 
-def _dataset_for(checkpoint, data, split: str) -> tuple[CelebADataset, str]:
-    preset, size = inference_settings(checkpoint)
+def _dataset_for(config: dict, data, split: str) -> tuple[CelebADataset, str]:
+    preset, size = inference_settings(config)
     return CelebADataset(data, split, get_transform(preset, size)), preset
 
 def explain_run(run_dir, data=None, split: str = 'test', n: int = 16, metrics_images: int = 128, mode: str = 'pos',
@@ -675,11 +675,12 @@ def explain_run(run_dir, data=None, split: str = 'test', n: int = 16, metrics_im
                 views=VIEW_ATTRIBUTES, ground_truth: str = 'auto', progress: bool = True) -> pd.DataFrame:
     "Attention grids, attribute views and explanation metrics (+ Grad-CAM of `baseline`) -> RUN/explain/<split>/; returns the summary."
     run_dir = Path(run_dir)
-    data = data or saved_config(run_dir).get('data')
+    config = saved_config(run_dir)
+    data = data or config.get('data')
     if data is None: raise MtabnError(f"{run_dir} has no config.json naming its data: pass the data folder")
     out = run_dir/'explain'/split
     model = load_model(run_dir)
-    dataset, preset = _dataset_for(run_dir, data, split)
+    dataset, preset = _dataset_for(config, data, split)
     examples = list(iter_explanations(model, dataset, n, preset, progress=progress))
     for e in examples: attention_grid(e, mode, show_probs=True).save(out/'attention_examples'/f"{Path(e.name).stem}.jpg")
     regions = AttributeRegions(dataset, ground_truth)
@@ -688,7 +689,7 @@ def explain_run(run_dir, data=None, split: str = 'test', n: int = 16, metrics_im
     options = dict(n=metrics_images, deletion_images=deletion_images, steps=steps, progress=progress)
     records = explanation_records(model, dataset, 'attention', regions=regions, **options)
     if baseline is not None:
-        baseline_model, (baseline_dataset, _) = load_model(baseline), _dataset_for(baseline, data, split)
+        baseline_model, (baseline_dataset, _) = load_model(baseline), _dataset_for(saved_config(baseline), data, split)
         baseline_regions = AttributeRegions(baseline_dataset, ground_truth)
         records = pd.concat([records, *(explanation_records(baseline_model, baseline_dataset, 'gradcam', target_layer=layer,
                                                             label=f'gradcam_{layer}', regions=baseline_regions, **options)

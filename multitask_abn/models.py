@@ -471,10 +471,9 @@ def saved_config(path) -> dict:
     try: return json.loads(run_config.read_text())
     except ValueError as e: raise MtabnError(f"{run_config}: not valid JSON ({e}); restore or delete it") from None
 
-def inference_settings(path, transform: str | None = None, image_size: int | None = None) -> tuple[str, int]:
-    """(transform preset, image size) to feed a checkpoint or run folder: the arguments, else what it was
-    trained with, else the reference's."""
-    config = saved_config(path)
+def inference_settings(config: dict, transform: str | None = None, image_size: int | None = None) -> tuple[str, int]:
+    """(transform preset, image size) to feed a model whose `saved_config` is `config`: the arguments, else what
+    it was trained with, else the reference's."""
     return transform or config.get('transform', REFERENCE_INPUT[0]), image_size or config.get('image_size', REFERENCE_INPUT[1])
 
 # %% ../nbs/02_models.ipynb #469c6ec2

@@ -531,9 +531,10 @@ def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int
     if not path.exists(): raise MtabnError(f"{path} not found: pass a run folder or a checkpoint file")
     checkpoint = checkpoint_file(path)
     out_root = Path(out) if out else path / 'eval' if path.is_dir() else path.parent / f'{path.stem}_eval'
-    data = data or saved_config(path).get('data')
+    config = saved_config(path)
+    data = data or config.get('data')
     if data is None: raise MtabnError(f"{path} does not record its training data: pass the data folder (--data DIR)")
-    transform, image_size = inference_settings(path, transform, image_size)
+    transform, image_size = inference_settings(config, transform, image_size)
     device = resolve_device(device)
     model = load_model(checkpoint).to(device)
     if model.num_attributes != NUM_ATTRIBUTES:
