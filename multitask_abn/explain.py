@@ -429,9 +429,10 @@ def cam_layer(model: torch.nn.Module, target_layer='layer4') -> torch.nn.Module:
         raise MtabnError(f"{type(model).__name__} has no stage {target_layer!r}: pass 'layer1'...'layer4' or a module")
     return stage[-1]
 
-def attention_saliency(model, images: torch.Tensor, attributes: list[int]) -> tuple[np.ndarray, tuple[int, int]]:
-    "ABN attention maps of `attributes` resized to the input (B x k x H x W), and the maps' own grid (h, w)."
-    maps = eval_output(model, images).maps
+def attention_saliency(model, images: torch.Tensor, attributes: list[int], output=None) -> tuple[np.ndarray, tuple[int, int]]:
+    """ABN attention maps of `attributes` resized to the input (B x k x H x W), and the maps' own grid (h, w).
+    `output`: the model's `eval_output` on `images` when the caller already has it (saves a forward pass)."""
+    maps = (output if output is not None else eval_output(model, images)).maps
     if maps is None: raise MtabnError("this model has no attention maps (a baseline): use method='gradcam'")
     return np.stack([resize_maps(m[attributes], images.shape[-2:]) for m in as_numpy(maps)]), tuple(maps.shape[-2:])
 
@@ -518,15 +519,15 @@ def explanation_records(model, dataset, method: str = 'attention', n: int = 64, 
     if unknown: raise MtabnError(f"no ground-truth region for {unknown}: choose among {list(regions.table)}")
     attributes = [CELEBA_ATTRIBUTES.index(a) for a in regions.table if attributes is None or a in attributes]
     saliency_of = SALIENCY_METHODS[method]
-    extra = {'target_layer': target_layer} if method == 'gradcam' else {}
     deleted = {t: 0 for t in attributes}
     rows, count = [], min(n, len(dataset))
     for start in tqdm(range(0, count, batch_size), desc=f'{method} metrics', disable=not progress):
         indices = range(start, min(start + batch_size, count))
         samples = [dataset[i] for i in indices]
         images, labels = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-        saliency, grid = saliency_of(model, images, attributes, **extra)
-        probabilities = as_numpy(attribute_probabilities(eval_output(model, images).perception))
+        output = eval_output(model, images)
+        probabilities = as_numpy(attribute_probabilities(output.perception))
+        saliency, grid = saliency_of(model, images, attributes, **({'target_layer': target_layer} if method == 'gradcam' else {'output': output}))
         for b, i in enumerate(indices):
             masks = regions.masks(i, tuple(images.shape[-2:]))
             for k, t in enumerate(attributes):
