@@ -82,7 +82,7 @@ RECIPES = {
     'demo': dict(model='abn_v1_resnet10', transform='eval', image_size=80, precision='bf16', epochs=4, batch_size=32, lr=0.05,
                  milestones=[3], use_pos_weight=True, eval_batch_size=128, seed=0),
 }
-RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 97, 'epochs': 6, 'milestones': [4]}
+RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 161, 'epochs': 6, 'milestones': [4]}
 
 # %% ../nbs/04_train.ipynb #b6b9403e
 def _flag(name: str) -> str: return '--' + name.replace('_', '-')   # as the console scripts spell it (multitask_abn.cli)
