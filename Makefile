@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/mtabn_demo --data $(DATA) --out $(RUN)
 
 # Attention maps worth measuring: the `explain` recipe on 9,000 SynthCelebA images (cached in $(EXPLAIN_DATA)),
-# explanation metrics on 256 test images; about 46 minutes on 2 CPU cores.
+# explanation metrics on 256 test images; 44 minutes on 2 CPU cores.
 EXPLAIN_DATA ?= data/synth9k
 EXPLAIN_RUN ?= runs/explain
 explain: install
