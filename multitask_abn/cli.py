@@ -169,7 +169,7 @@ def mtabn_explain(
     from multitask_abn.explain import explain_run
     with user_errors('mtabn_explain'):
         summary = explain_run(run_dir, data, split=split, n=n, metrics_images=metrics_images, baseline=baseline, mode=mode)
-    print(summary[summary.attribute == 'mean'].round(3).to_string(index=False))
+    print(summary[summary.attribute.isin(['mean', 'mean_localised'])].round(3).to_string(index=False))
 
 # %% ../nbs/07_cli.ipynb #3a9013ed
 @command

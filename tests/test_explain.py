@@ -290,6 +290,21 @@ def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
     assert len(summary) == len(table)
 
 
+def test_mtabn_explain_prints_the_means_over_all_and_localised_attributes(synth, tmp_path, console):
+    torch.manual_seed(0)
+    run = tmp_path/'run'
+    save_model(create_model('abn_v1_resnet10'), run/'checkpoints'/'best.pt')
+    (run/'config.json').write_text(json.dumps({'data': str(synth), 'transform': 'eval', 'image_size': 64}))
+    result = console('mtabn_explain', run, '--split', 'all', '--n', 1, '--metrics-images', 4)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(run/'explain'/'all'/'explanation_metrics.csv').set_index('attribute')
+    printed = {line.split()[1]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert set(printed) == {'mean', 'mean_localised'}
+    header = result.stdout.splitlines()[0].split()
+    for name, row in printed.items():
+        assert float(row[header.index('pointing_game')]) == pytest.approx(table.loc[name, 'pointing_game'], abs=5e-4)
+
+
 
 def small_part_pointing_ceiling(synth, size: int) -> float:
     "Mean over attributes of the pointing ceiling of ABN's grid (size / 16) at input `size`, on regions under 10 % of the image."
