@@ -213,7 +213,7 @@ def test_ddp_two_processes(tmp_path, synth, console):
     run = tmp_path / 'ddp'
     result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--standalone', '--nproc_per_node', '2', '--no-python',
                              console.folder / 'mtabn_train', *TINY_FLAGS, '--precision', 'fp32', '--data', synth, '--out', run],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env={**os.environ, 'TMPDIR': str(tmp_path)})   # torchrun's temp folder too
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2]
