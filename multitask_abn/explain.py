@@ -518,7 +518,6 @@ def explanation_records(model, dataset, method: str = 'attention', n: int = 64, 
     unknown = [a for a in attributes or [] if a not in regions.table]
     if unknown: raise MtabnError(f"no ground-truth region for {unknown}: choose among {list(regions.table)}")
     attributes = [CELEBA_ATTRIBUTES.index(a) for a in regions.table if attributes is None or a in attributes]
-    saliency_of = SALIENCY_METHODS[method]
     deleted = {t: 0 for t in attributes}
     rows, count = [], min(n, len(dataset))
     for start in tqdm(range(0, count, batch_size), desc=f'{method} metrics', disable=not progress):
@@ -527,7 +526,8 @@ def explanation_records(model, dataset, method: str = 'attention', n: int = 64, 
         images, labels = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
         output = eval_output(model, images)
         probabilities = as_numpy(attribute_probabilities(output.perception))
-        saliency, grid = saliency_of(model, images, attributes, **({'target_layer': target_layer} if method == 'gradcam' else {'output': output}))
+        saliency, grid = (gradcam_saliency(model, images, attributes, target_layer) if method == 'gradcam'
+                          else attention_saliency(model, images, attributes, output))
         for b, i in enumerate(indices):
             masks = regions.masks(i, tuple(images.shape[-2:]))
             for k, t in enumerate(attributes):

@@ -270,11 +270,16 @@ def test_synth_part_maps_are_the_ground_truth(synth):
     assert landmarks.kind == 'landmarks' and len(landmarks.table) == 16
 
 
-def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
+def untrained_run(synth: Path, folder: Path) -> Path:
+    "A run folder holding an untrained ABN-v1 ResNet-10 (seed 0) and a config naming `synth` at 64 px."
     torch.manual_seed(0)
-    run = tmp_path/'run'
-    save_model(create_model('abn_v1_resnet10'), run/'checkpoints'/'best.pt')
-    (run/'config.json').write_text(json.dumps({'data': str(synth), 'transform': 'eval', 'image_size': 64}))
+    save_model(create_model('abn_v1_resnet10'), folder/'checkpoints'/'best.pt')
+    (folder/'config.json').write_text(json.dumps({'data': str(synth), 'transform': 'eval', 'image_size': 64}))
+    return folder
+
+
+def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
+    run = untrained_run(synth, tmp_path/'run')
     baseline = save_model(create_model('resnet10'), tmp_path/'baseline.pt', config={'transform': 'eval', 'image_size': 64})
     summary = explain_run(run, split='all', n=3, metrics_images=6, deletion_images=1, steps=4, baseline=baseline, progress=False)
     out = run/'explain'/'all'
@@ -291,10 +296,7 @@ def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
 
 
 def test_mtabn_explain_prints_the_means_over_all_and_localised_attributes(synth, tmp_path, console):
-    torch.manual_seed(0)
-    run = tmp_path/'run'
-    save_model(create_model('abn_v1_resnet10'), run/'checkpoints'/'best.pt')
-    (run/'config.json').write_text(json.dumps({'data': str(synth), 'transform': 'eval', 'image_size': 64}))
+    run = untrained_run(synth, tmp_path/'run')
     result = console('mtabn_explain', run, '--split', 'all', '--n', 1, '--metrics-images', 4)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(run/'explain'/'all'/'explanation_metrics.csv').set_index('attribute')
