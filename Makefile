@@ -14,9 +14,12 @@ install: $(INSTALLED)
 
 # Byte-compiling once matters where PYTHONDONTWRITEBYTECODE is set (imports take twice as long without it);
 # torch ships one Python-3.12-only test file that older interpreters cannot compile.
+# Quantus (a test-only cross-check of the explanation metrics) is installed without its declared dependencies: it asks for
+# opencv-python, whose cv2/ would overwrite opencv-python-headless's; its other needs are dev requirements.
 $(INSTALLED): settings.ini setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt quantus
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib/python3*/site-packages > /dev/null
 	touch $@
 

@@ -31,14 +31,14 @@ from .data import CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, MtabnError
 
 # %% auto #0
 __all__ = ['PER_ATTRIBUTE_COLUMNS', 'ATTRIBUTE_METRICS', 'SYNTH_MARKERS', 'CELEBA_TEST_IMAGES', 'METRIC_LABELS', 'CURVE_PANELS',
-           'CURVE_LABELS', 'PUBLISHED_RESULTS', 'IMAGE_SUFFIXES', 'REPORT_CSS', 'DISPLAY_NAMES', 'GRID_LEGEND',
-           'README_IMAGE_BYTES', 'README_IMAGES', 'write_fake_run', 'find_runs', 'data_kind', 'read_config',
-           'read_epochs', 'read_eval', 'read_summary', 'Runs', 'load_runs', 'majority_class_says_yes',
-           'majority_baseline', 'select_attributes', 'plot_attribute_metric', 'plot_run_comparison', 'plot_run_delta',
-           'plot_branches', 'plot_training_curves', 'real_celeba_test_results', 'plot_published_comparison',
-           'parse_grid', 'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep', 'varying_config',
-           'config_table', 'headline_table', 'per_attribute_table', 'find_explain_outputs', 'write_report',
-           'figure_image', 'small_png', 'first_attention_grid', 'write_readme_images']
+           'CURVE_LABELS', 'PUBLISHED_RESULTS', 'IMAGE_SUFFIXES', 'REPORT_CSS', 'DISPLAY_NAMES', 'EXPLANATION_TABLE',
+           'GRID_LEGEND', 'EXPLANATION_TABLE_LEGEND', 'README_IMAGE_BYTES', 'README_IMAGES', 'write_fake_run',
+           'find_runs', 'data_kind', 'read_config', 'read_epochs', 'read_eval', 'read_summary', 'Runs', 'load_runs',
+           'majority_class_says_yes', 'majority_baseline', 'select_attributes', 'plot_attribute_metric',
+           'plot_run_comparison', 'plot_run_delta', 'plot_branches', 'plot_training_curves', 'real_celeba_test_results',
+           'plot_published_comparison', 'parse_grid', 'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep',
+           'varying_config', 'config_table', 'headline_table', 'per_attribute_table', 'find_explain_outputs',
+           'write_report', 'figure_image', 'small_png', 'first_attention_grid', 'write_readme_images']
 
 # %% ../nbs/06_analysis.ipynb #2dd27087
 PER_ATTRIBUTE_COLUMNS = ('attribute', 'branch', 'accuracy', 'balanced_accuracy', 'precision', 'recall', 'f1',
@@ -699,15 +699,19 @@ class _Report:
         return out_dir / 'report.html'
 
 # %% ../nbs/06_analysis.ipynb #2cc165ea
+EXPLANATION_TABLE = 'explanation_table.csv'   # explain.explain_run's headline: each method beside the baselines
+
 def find_explain_outputs(run_dir, max_images: int = 6) -> tuple[list[Path], list[Path], list[Path]]:
-    "Under `RUN/explain/`: images (at most `max_images` per folder), metric tables (`*metrics*.csv`), other CSVs."
+    """Under `RUN/explain/`: images (at most `max_images` per folder), the tables to show (`explanation_table.csv`
+    where present, else `*metrics*.csv`), other CSVs."""
     root = Path(run_dir) / 'explain'
     if not root.is_dir(): return [], [], []
     files = sorted(p for p in root.rglob('*') if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     kept = [p for folder, group in itertools.groupby(images, key=lambda p: p.parent) for p in list(group)[:max_images]]
     tables = [p for p in files if p.suffix.lower() == '.csv']
-    return kept, [p for p in tables if 'metrics' in p.stem], [p for p in tables if 'metrics' not in p.stem]
+    shown = [p for p in tables if p.name == EXPLANATION_TABLE] or [p for p in tables if 'metrics' in p.stem]
+    return kept, shown, [p for p in tables if p not in shown]
 
 def _report_per_attribute(report: _Report, runs: Runs, split: str):
     metrics = ('accuracy', 'balanced_accuracy', 'f1') if len(runs.names) <= 2 else ('accuracy',)
@@ -732,6 +736,12 @@ GRID_LEGEND = ("Attention grids: each panel is one attribute's attention map ble
                "attention-branch decision (1 = has the attribute); `p`/`a` their probabilities. A red title marks a wrong "
                "perception decision.")
 
+EXPLANATION_TABLE_LEGEND = (
+    "each method's mean over the localised attributes (regions under 10 % of the image), beside the baselines that "
+    "ignore the image: `prior` (each attribute's mean region on the train split), `centre` (a peak at the image centre) and "
+    "`uniform`; [95 % bootstrap interval over images]; `vs prior`: the margin over the prior (paired interval). An "
+    "explanation is worth reading only where it beats the prior. Per-attribute values: `explanation_metrics.csv`.")
+
 def _report_explanations(report: _Report, runs: Runs):
     found = False
     for run, path in runs.paths.items():
@@ -742,7 +752,9 @@ def _report_explanations(report: _Report, runs: Runs):
             try: table = pd.read_csv(table_path)
             except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
                 runs.problems.append(f"{table_path}: unreadable CSV ({str(e).splitlines()[0]})"); continue
-            report.text(f"{run}: `{table_path.relative_to(path)}`" + (f" (first 60 of {len(table)} rows)" if len(table) > 60 else ''))
+            what = (f" (split `{table_path.parent.name}`): {EXPLANATION_TABLE_LEGEND}" if table_path.name == EXPLANATION_TABLE
+                    else f" (first 60 of {len(table)} rows)" if len(table) > 60 else '')
+            report.text(f"{run}: `{table_path.relative_to(path)}`{what}")
             report.table(table.head(60))
         if examples: report.text(GRID_LEGEND)
         for image in examples: report.image(image.read_bytes(), image.suffix.lower(), f"{run}: {image.relative_to(path)}")

@@ -57,12 +57,13 @@ def mtabn_synth(
     out: Param('output folder', str),
     n: Param('number of images', int) = 1000,
     seed: Param('random seed', int) = 0,
+    layout: Param('aligned (CelebA\'s aligned crops) or wild (faces anywhere in the frame)', str) = 'aligned',
 ):
     "Write a SynthCelebA folder (CelebA's layout plus part maps) and print it with its split sizes."
     from multitask_abn.synth import make_synth_celeba, synth_split_sizes
-    with user_errors('mtabn_synth'): root = make_synth_celeba(out, n=n, seed=seed)
+    with user_errors('mtabn_synth'): root = make_synth_celeba(out, n=n, seed=seed, layout=layout, num_workers=min(os.cpu_count() or 1, 4))
     train, valid, test = synth_split_sizes(n)
-    print(f"{root}: {n} SynthCelebA images (seed {seed}): train {train}, valid {valid}, test {test}")
+    print(f"{root}: {n} SynthCelebA images (seed {seed}, {layout} layout): train {train}, valid {valid}, test {test}")
 
 # %% ../nbs/07_cli.ipynb #0540bfde
 @command
@@ -159,17 +160,24 @@ def mtabn_predict(
 def mtabn_explain(
     run_dir: str,  # run folder of an ABN model
     data: str = None,  # CelebA-layout folder (default: the run's)
-    split: str = 'test',  # train, valid, test, trainval or all
+    split: str = 'valid',  # valid (where choices are made), test (once per final recipe), train, trainval or all
     n: int = 16,  # images with an attention grid
     metrics_images: int = 128,  # images the explanation metrics are measured on
-    baseline: str = None,  # baseline run folder or checkpoint: also measure its Grad-CAM
+    baseline: str = None,  # baseline run folder or checkpoint: also measure its Grad-CAM and Grad-CAM++
     mode: str = 'pos',  # attention map scaling: pos, neg or both
 ):
-    "Attention grids and explanation metrics of a run -> RUN/explain/<split>/, and print the mean metrics."
+    "Attention grids and explanation metrics of a run -> RUN/explain/<split>/, and print the mean metrics beside the baselines."
     from multitask_abn.explain import explain_run
     with user_errors('mtabn_explain'):
         summary = explain_run(run_dir, data, split=split, n=n, metrics_images=metrics_images, baseline=baseline, mode=mode)
-    print(summary[summary.attribute.isin(['mean', 'mean_localised'])].round(3).to_string(index=False))
+    _print_explanation_means(summary, split)
+
+def _print_explanation_means(summary, split: str):
+    "The localised and overall means of every method, with intervals and margins over the prior (`explanation_table`)."
+    from multitask_abn.explain import explanation_table
+    for row, what in (('mean_localised', 'localised attributes (region < 10 % of the image)'), ('mean', 'all attributes')):
+        print(f"{split} split, mean over {what}; [95 % bootstrap interval over images]:")
+        print(explanation_table(summary, row).to_string(index=False), end='\n\n')
 
 # %% ../nbs/07_cli.ipynb #3a9013ed
 @command
@@ -214,5 +222,5 @@ def mtabn_demo(
     from multitask_abn.analysis import write_report
     with user_errors('mtabn_demo'):
         run_demo(data, out, n=n, recipe=recipe)
-        print(explain_run(out, data, split='test', n=8, metrics_images=metrics_images).to_string())
+        _print_explanation_means(explain_run(out, data, split='test', n=8, metrics_images=metrics_images), 'test')
         print(f"report: {write_report([out], report or Path(out)/'report')}")

@@ -4,10 +4,12 @@
 
 # %% ../nbs/05_explain.ipynb #e61c54cf
 from __future__ import annotations
+import hashlib
 import io
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,20 +22,28 @@ from tqdm.auto import tqdm
 
 from .data import (CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
                                 denormalize, get_transform, load_image)
-from .models import attribute_logits, attribute_probabilities, inference_settings, load_model, saved_config
-from .synth import ATTRIBUTE_PARTS, PART_DIR, attribute_mask, load_part_map
+from PIL import Image
+
+from .models import (atomic_write, attribute_logits, attribute_probabilities, inference_settings, load_model,
+                                  saved_config)
+from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, load_part_map, render_face,
+                                 sample_attributes, synth_settings)
 
 # %% auto #0
 __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGIN', 'WRONG', 'RIGHT', 'POINTING_TOLERANCE',
-           'LANDMARK_REGIONS', 'LANDMARK_ATTRIBUTE_REGIONS', 'SALIENCY_METHODS', 'GROUND_TRUTHS', 'RECORD_COLUMNS',
-           'METRIC_COLUMNS', 'LOCALISED_FRACTION', 'IMAGE_SUFFIXES', 'VIEW_ATTRIBUTES', 'as_numpy', 'scale_maps',
-           'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid',
-           'Explanation', 'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid',
-           'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share',
-           'blurred', 'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
-           'transform_preset', 'images_to_uint8', 'evaluating', 'eval_output', 'explanations_from_output',
-           'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency', 'gradcam_saliency', 'resize_mask',
-           'AttributeRegions', 'explanation_records', 'summarize_explanations', 'plot_explanation_metrics',
+           'LANDMARK_REGIONS', 'LANDMARK_ATTRIBUTE_REGIONS', 'CAM_CLASSES', 'SALIENCY_METHODS', 'GROUND_TRUTHS',
+           'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD', 'NO_COUNTERFACTUAL',
+           'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS', 'INTERVAL_METRICS',
+           'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES', 'VIEW_ATTRIBUTES',
+           'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay',
+           'panel_size', 'attention_panels', 'sigmoid', 'Explanation', 'grid_origins', 'PanelGrid', 'save_image',
+           'attention_grid', 'attribute_grid', 'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game',
+           'pointing_ceiling', 'energy_share', 'blurred', 'deletion_insertion_curves', 'curve_auc',
+           'landmark_region_masks', 'landmark_attribute_masks', 'transform_preset', 'images_to_uint8', 'evaluating',
+           'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
+           'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map',
+           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response',
+           'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
            'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
 # %% ../nbs/05_explain.ipynb #f3c9fbc0
@@ -291,10 +301,11 @@ def pointing_ceiling(mask, grid: tuple[int, int], tolerance: float = POINTING_TO
     return bool(grown[np.ix_(*peaks)].any())
 
 def energy_share(saliency, mask) -> float:
-    "Share of the min-max-normalised map's mass inside `mask` (NaN for a constant map)."
-    s = _min_max(as_numpy(saliency))
-    total = s.sum()
-    return float(s[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else float('nan')
+    "Share of the min-max-normalised map's mass inside `mask`; a constant map holds a uniform map's share (the mask's area share)."
+    s, mask = as_numpy(saliency), np.asarray(mask, dtype=bool)
+    if np.ptp(s) == 0: return float(mask.mean())
+    s = _min_max(s)
+    return float(s[mask].sum() / s.sum())
 
 # %% ../nbs/05_explain.ipynb #6da48ebc
 def blurred(image: torch.Tensor) -> torch.Tensor:
@@ -436,26 +447,43 @@ def attention_saliency(model, images: torch.Tensor, attributes: list[int], outpu
     if maps is None: raise MtabnError("this model has no attention maps (a baseline): use method='gradcam'")
     return np.stack([resize_maps(m[attributes], images.shape[-2:]) for m in as_numpy(maps)]), tuple(maps.shape[-2:])
 
-def gradcam_saliency(model, images: torch.Tensor, attributes: list[int], target_layer='layer4') -> tuple[np.ndarray, tuple[int, int]]:
-    "Grad-CAM of each attribute's decision logit at `target_layer` (B x k x H x W in [0, 1]), and the layer's grid (h, w)."
-    from pytorch_grad_cam import GradCAM
+CAM_CLASSES = {'gradcam': 'GradCAM', 'gradcampp': 'GradCAMPlusPlus'}   # method -> pytorch_grad_cam class
+
+def _layer_cams(model, images: torch.Tensor, targets: list[int], target_layer='layer4', method: str = 'gradcam') -> np.ndarray:
+    "CAMs (B x h x w in [0, 1], on the layer's grid) of image i's decision logit `targets[i]`, by `CAM_CLASSES[method]`."
+    import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    class GridGradCAM(GradCAM):
-        "Grad-CAM left on its layer's grid (the library would resize it with cv2's half-pixel centres)."
+    class GridCAM(getattr(pytorch_grad_cam, CAM_CLASSES[method])):
+        "The CAM left on its layer's grid (the library would resize it with cv2's half-pixel centres)."
         def get_target_width_height(self, input_tensor):
             height, width = self.activations_and_grads.activations[0].shape[-2:]
             return width, height
 
     was_training = model.training
     try:
-        with GridGradCAM(DecisionLogits(model), [cam_layer(model, target_layer)]) as cam, torch.enable_grad():
-            cams = np.stack([cam(images, [ClassifierOutputTarget(t)] * len(images)) for t in attributes], 1)   # B x k x h x w
+        with GridCAM(DecisionLogits(model), [cam_layer(model, target_layer)]) as cam, torch.enable_grad():
+            return cam(images, [ClassifierOutputTarget(t) for t in targets])
     finally: model.train(was_training)
+
+def gradcam_saliency(model, images: torch.Tensor, attributes: list[int], target_layer='layer4',
+                     method: str = 'gradcam') -> tuple[np.ndarray, tuple[int, int]]:
+    """Grad-CAM (`method='gradcampp'`: Grad-CAM++) of each attribute's decision logit at `target_layer`
+    (B x k x H x W in [0, 1]), and the layer's grid (h, w)."""
+    cams = np.stack([_layer_cams(model, images, [t] * len(images), target_layer, method) for t in attributes], 1)   # B x k x h x w
     grid = cams.shape[-2:]
     return resize_maps(cams.reshape(-1, *grid), images.shape[-2:]).reshape(*cams.shape[:2], *images.shape[-2:]), tuple(grid)
 
-SALIENCY_METHODS = {'attention': attention_saliency, 'gradcam': gradcam_saliency}
+SALIENCY_METHODS = ('attention', *CAM_CLASSES)   # explanations computed from a model
+
+def paired_saliency(method: str, model, images: torch.Tensor, targets: list[int], target_layer='layer4', output=None) -> np.ndarray:
+    "Saliency of image i for attribute `targets[i]` only (B x H x W): one map per (image, attribute) pair (`output`: as attention_saliency)."
+    if method == 'attention':
+        maps, _ = attention_saliency(model, images, sorted(set(targets)), output)
+        return maps[np.arange(len(targets)), [sorted(set(targets)).index(t) for t in targets]]
+    cams = _layer_cams(model, images, list(targets), target_layer, method)
+    return resize_maps(cams, images.shape[-2:])
+
 
 # %% ../nbs/05_explain.ipynb #bd21369a
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -501,97 +529,339 @@ class AttributeRegions:
         masks = {a: resize_mask(m, size) for a, m in self.full_size_masks(index).items()}
         return {a: m for a, m in masks.items() if m.any()}
 
+
+# %% ../nbs/05_explain.ipynb #cdd5a2e9
+BASELINE_METHODS = ('prior', 'centre', 'uniform')   # maps that ignore the image: what an explanation has to beat
+EXPLANATION_METHODS = (*SALIENCY_METHODS, *BASELINE_METHODS)
+CACHE_DIR = '.mtabn_cache'                           # inside the data folder: what is fitted once per dataset
+
+def centre_map(size: tuple[int, int]) -> np.ndarray:
+    "The `centre` baseline (H x W): one peak at the image centre, falling linearly to 0 at the corners."
+    height, width = size
+    ys, xs = np.mgrid[:height, :width]
+    distance = np.hypot(ys - (height - 1) / 2, xs - (width - 1) / 2)
+    return (1 - distance / distance.max()).astype(np.float32)
+
+def fit_prior(regions: AttributeRegions, size: tuple[int, int], progress: bool = False) -> dict[str, np.ndarray]:
+    """The `prior` baseline: per attribute, the mean of its region (at input `size`, H x W) over the images of `regions`
+    that have the attribute (the images it is measured on; over all images where none has it)."""
+    labels = regions.dataset.labels.numpy()
+    sums = {True: {}, False: {}}                      # attribute present in the image -> attribute -> summed coverage
+    for i in tqdm(range(len(regions.dataset)), desc='fitting the prior', disable=not progress):
+        for attribute, mask in regions.full_size_masks(i).items():
+            coverage = cv2.resize(mask.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR)
+            present = bool(labels[i, CELEBA_ATTRIBUTES.index(attribute)] == 1)
+            sums[present][attribute] = sums[present].get(attribute, 0) + coverage
+    fitted = {**sums[False], **sums[True]}            # only the scale differs from a mean: no metric reads it
+    return {a: (fitted[a] / fitted[a].max()).astype(np.float32) for a in regions.table if a in fitted}
+
+def _prior_key(regions: AttributeRegions, size) -> str:
+    "What a cached prior depends on: ground truth, size, and the fitted split's images and labels."
+    digest = hashlib.sha256(repr((regions.kind, tuple(size), regions.dataset.split, regions.dataset.filenames)).encode())
+    digest.update(regions.dataset.labels.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+def attribute_prior(root, ground_truth: str = 'auto', size: tuple[int, int] = (224, 224), split: str = 'train',
+                    progress: bool = False) -> dict[str, np.ndarray]:
+    """`fit_prior` on the `split` (train) images of the CelebA-layout folder `root`, fitted once and cached in
+    `root/.mtabn_cache/` (in a read-only folder it is fitted each time)."""
+    regions = AttributeRegions(CelebADataset(root, split), ground_truth)
+    path = regions.root/CACHE_DIR/f"prior_{regions.kind}_{split}_{size[0]}x{size[1]}_{_prior_key(regions, size)}.npz"
+    if path.is_file():
+        with np.load(path) as cached: return {a: cached[a] for a in cached.files}
+    prior = fit_prior(regions, size, progress)
+    def write(tmp):
+        with open(tmp, 'wb') as f: np.savez_compressed(f, **prior)
+    try: atomic_write(path, write)
+    except OSError: pass                                   # a read-only data folder: fitted again next time
+    return prior
+
+def baseline_saliency(method: str, attributes: list[int], size: tuple[int, int], prior: dict | None = None) -> np.ndarray:
+    "The maps of an image-independent baseline for `attributes` (k x H x W): the same for every image."
+    names = [CELEBA_ATTRIBUTES[t] for t in attributes]
+    if method == 'prior':
+        missing = [a for a in names if a not in (prior or {})]
+        if missing: raise MtabnError(f"the prior has no map for {missing}: fit it with attribute_prior on the train split")
+        return np.stack([prior[a] for a in names])
+    if method == 'centre': return np.broadcast_to(centre_map(size), (len(names), *size))
+    if method == 'uniform': return np.ones((len(names), *size), np.float32)
+    raise MtabnError(f"unknown baseline {method!r}: choose one of {', '.join(BASELINE_METHODS)}")
+
+
+# %% ../nbs/05_explain.ipynb #44b41c2e
+CHANGE_THRESHOLD = 30        # summed |RGB difference| above which a pixel counts as changed (as synth.evidence_table)
+NO_COUNTERFACTUAL = ('No_Beard',)   # drawn only through the four beards: switching it alone changes no pixel
+
+class Counterfactuals:
+    """SynthCelebA images redrawn with one attribute switched off (`synth.render_face` with the same random streams): the
+    counterfactual image, and the pixels that change, the causal evidence for that attribute in that image."""
+    def __init__(self, root, transform, threshold: int = CHANGE_THRESHOLD):
+        settings = synth_settings(root)
+        self.seed, self.layout, self.transform, self.threshold = settings['seed'], settings['layout'], transform, threshold
+        self._cache = {}
+
+    def draw(self, number: int, off: str | None = None, camera: bool = True):
+        "`render_face` of image `number` of the set (its labels, with `off` switched off): (image, part map, landmarks)."
+        rng = np.random.default_rng([self.seed, number])
+        labels = sample_attributes(rng)
+        return render_face(labels if off is None else {**labels, off: False}, rng, camera, self.layout)
+
+    def pair(self, filename: str, attribute: str):
+        """(the counterfactual image as the model sees it, the changed-pixel region at full size), or None when switching
+        `attribute` off changes no pixel (it is absent, hidden, or drawn through other attributes)."""
+        key = (filename, attribute)
+        if key not in self._cache: self._cache[key] = self._render(int(Path(filename).stem), attribute)
+        if self._cache[key] is None: return None
+        jpeg, packed, shape = self._cache[key]
+        image = Image.open(io.BytesIO(jpeg)).convert('RGB')
+        return self.transform(image), np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+
+    def _render(self, number: int, attribute: str):
+        if attribute in NO_COUNTERFACTUAL: return None
+        (on, _, _), (off, _, _) = (self.draw(number, a, camera=False) for a in (None, attribute))
+        region = np.abs(on.astype(np.int16) - off).sum(-1) > self.threshold
+        if not region.any(): return None
+        image = self.draw(number, attribute)[0]
+        jpeg = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+        return jpeg.tobytes(), np.packbits(region), region.shape   # compact: hundreds of pairs stay in memory
+
+def attention_response(saliency, counterfactual_saliency, region) -> float:
+    "Share of |map(x) - map(x')| inside the changed region: does the map move where the evidence changed? (NaN: no change)"
+    change = np.abs(as_numpy(saliency, np.float64) - as_numpy(counterfactual_saliency, np.float64))
+    total = change.sum()
+    return float(change[np.asarray(region, bool)].sum() / total) if total > 0 else float('nan')
+
+
+# %% ../nbs/05_explain.ipynb #573b4648
 def _attribute_probability(model, t: int):
     def probability(batch):
         return attribute_probabilities(eval_output(model, batch).perception)[:, t]
     return probability
 
+def _saliency(method: str, model, images: torch.Tensor, attributes: list[int], output, target_layer, prior):
+    "B x k x H x W maps of `method` and their grid (baselines: the pixel grid)."
+    size = tuple(images.shape[-2:])
+    if method in BASELINE_METHODS:
+        fixed = baseline_saliency(method, attributes, size, prior)
+        return np.broadcast_to(fixed, (len(images), *fixed.shape)), size
+    if method == 'attention': return attention_saliency(model, images, attributes, output)
+    return gradcam_saliency(model, images, attributes, target_layer, method)
+
+def _counterfactual_metrics(rows: list[dict], method: str, model, saliency: np.ndarray, probabilities: np.ndarray,
+                            counterfactuals: Counterfactuals, size, tolerance, target_layer):
+    "Fill the counterfactual columns of one image's rows (`saliency`: its k x H x W maps, in the rows' `_k` order)."
+    pairs = []                                          # (row, counterfactual image, changed region at the input size)
+    for row in rows:
+        pair = counterfactuals.pair(row['image'], row['attribute'])
+        if pair is None: continue
+        region = resize_mask(pair[1], size)
+        if region.any(): pairs.append((row, pair[0], region))
+    for row, _, region in pairs:
+        row.update(cf_pointing_game=float(pointing_game(saliency[row['_k']], region, tolerance)),
+                   cf_energy_share=energy_share(saliency[row['_k']], region), cf_region_fraction=float(region.mean()))
+    if method in BASELINE_METHODS or not pairs: return     # a fixed map cannot respond; the model's change is the methods' row
+    images, targets = torch.stack([image for _, image, _ in pairs]), [row['_t'] for row, _, _ in pairs]
+    output = eval_output(model, images)
+    changed = as_numpy(attribute_probabilities(output.perception))
+    after = paired_saliency(method, model, images, targets, target_layer, output)
+    for j, (row, _, region) in enumerate(pairs):
+        row.update(attention_response=attention_response(_min_max(saliency[row['_k']]), _min_max(after[j]), region),
+                   probability_change=float(probabilities[row['_t']] - changed[j, row['_t']]))
+
 def explanation_records(model, dataset, method: str = 'attention', n: int = 64, tolerance: float = POINTING_TOLERANCE,
                         deletion_images: int = 8, steps: int = 10, batch_size: int = 16, target_layer='layer4',
                         regions: AttributeRegions | None = None, attributes=None, positives_only: bool = True,
-                        label: str | None = None, progress: bool = False) -> pd.DataFrame:
+                        label: str | None = None, prior: dict | None = None, counterfactuals: Counterfactuals | None = None,
+                        progress: bool = False) -> pd.DataFrame:
     """One row per (image, present attribute with a region): pointing game (+ its ceiling), energy share, region fraction,
-    deletion/insertion AUC. `label`: the name in the `method` column (default `method`)."""
-    if method not in SALIENCY_METHODS:
-        raise MtabnError(f"unknown explanation method {method!r}: choose one of {', '.join(SALIENCY_METHODS)}")
+    deletion/insertion AUC; with `counterfactuals` also pointing game and energy share against the pixels that switching the
+    attribute off changes, the attention response and the probability change. `method`: one of `EXPLANATION_METHODS`
+    (baselines use `model` only for deletion/insertion; `prior` needs `prior=attribute_prior(...)`); `label`: the name in
+    the `method` column (default `method`)."""
+    if method not in EXPLANATION_METHODS:
+        raise MtabnError(f"unknown explanation method {method!r}: choose one of {', '.join(EXPLANATION_METHODS)}")
     regions = regions or AttributeRegions(dataset)
     unknown = [a for a in attributes or [] if a not in regions.table]
     if unknown: raise MtabnError(f"no ground-truth region for {unknown}: choose among {list(regions.table)}")
     attributes = [CELEBA_ATTRIBUTES.index(a) for a in regions.table if attributes is None or a in attributes]
     deleted = {t: 0 for t in attributes}
     rows, count = [], min(n, len(dataset))
-    for start in tqdm(range(0, count, batch_size), desc=f'{method} metrics', disable=not progress):
+    for start in tqdm(range(0, count, batch_size), desc=f'{label or method} metrics', disable=not progress):
         indices = range(start, min(start + batch_size, count))
         samples = [dataset[i] for i in indices]
         images, labels = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+        size = tuple(images.shape[-2:])
         output = eval_output(model, images)
         probabilities = as_numpy(attribute_probabilities(output.perception))
-        saliency, grid = (gradcam_saliency(model, images, attributes, target_layer) if method == 'gradcam'
-                          else attention_saliency(model, images, attributes, output))
+        saliency, grid = _saliency(method, model, images, attributes, output, target_layer, prior)
         for b, i in enumerate(indices):
-            masks = regions.masks(i, tuple(images.shape[-2:]))
+            masks, image_rows = regions.masks(i, size), []
             for k, t in enumerate(attributes):
                 mask = masks.get(CELEBA_ATTRIBUTES[t])
                 if mask is None or (positives_only and labels[b, t] != 1): continue
                 row = dict(method=label or method, image=dataset.filenames[i], attribute=CELEBA_ATTRIBUTES[t], label=int(labels[b, t]),
                            probability=float(probabilities[b, t]), pointing_game=float(pointing_game(saliency[b, k], mask, tolerance)),
                            pointing_ceiling=float(pointing_ceiling(mask, grid, tolerance)),
-                           energy_share=energy_share(saliency[b, k], mask), region_fraction=float(mask.mean()),
-                           deletion_auc=np.nan, insertion_auc=np.nan)
-                if row['label'] == 1 and deleted[t] < deletion_images:
+                           energy_share=energy_share(saliency[b, k], mask), region_fraction=float(mask.mean()), _k=k, _t=t)
+                if method == 'uniform': row.update(pointing_game=np.nan, pointing_ceiling=np.nan)   # no peak to point with
+                elif row['label'] == 1 and deleted[t] < deletion_images:   # a uniform map has no order to delete in
                     curves = deletion_insertion_curves(_attribute_probability(model, t), images[b], saliency[b, k], steps)
                     row['deletion_auc'], row['insertion_auc'] = map(curve_auc, curves)
                     deleted[t] += 1
-                rows.append(row)
-    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
+                image_rows.append(row)
+            if counterfactuals is not None:
+                _counterfactual_metrics(image_rows, method, model, saliency[b], probabilities[b], counterfactuals, size,
+                                        tolerance, target_layer)
+            rows += image_rows
+    return pd.DataFrame(rows).reindex(columns=RECORD_COLUMNS)
 
-RECORD_COLUMNS = ['method', 'image', 'attribute', 'label', 'probability', 'pointing_game', 'pointing_ceiling', 'energy_share',
-                  'region_fraction', 'deletion_auc', 'insertion_auc']
-METRIC_COLUMNS = ['pointing_game', 'pointing_ceiling', 'energy_share', 'region_fraction', 'deletion_auc', 'insertion_auc']
+EXPLANATION_METRICS = ['pointing_game', 'pointing_ceiling', 'energy_share', 'region_fraction', 'deletion_auc', 'insertion_auc',
+                       'cf_pointing_game', 'cf_energy_share', 'cf_region_fraction', 'attention_response', 'probability_change']
+RECORD_COLUMNS = ['method', 'image', 'attribute', 'label', 'probability', *EXPLANATION_METRICS]
+
+
+# %% ../nbs/05_explain.ipynb #0b0488c4
 LOCALISED_FRACTION = 0.1   # an attribute is 'localised' if its region covers less than 10 % of the image on average
+MEAN_ROWS = ('mean', 'mean_localised')
+INTERVAL_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'cf_pointing_game', 'cf_energy_share',
+                    'attention_response', 'probability_change')
+MARGIN_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'cf_pointing_game', 'cf_energy_share')
+MARGIN_BASELINE = 'prior'
 
-def summarize_explanations(records: pd.DataFrame) -> pd.DataFrame:
-    """Per method and attribute: mean metrics and image counts, `localised` (region < 10 % of the image); plus rows
-    'mean' and 'mean_localised' per method (macro averages over all / localised attributes)."""
+def _point_summary(records: pd.DataFrame) -> pd.DataFrame:
+    "Means per (method, attribute), image counts, `localised`; methods in measured order, attributes in CelebA's."
     groups = records.groupby(['method', 'attribute'], sort=False)
-    summary = groups[METRIC_COLUMNS].mean()
+    summary = groups[EXPLANATION_METRICS].mean()
     summary['images'], summary['deletion_images'] = groups.size(), groups['deletion_auc'].count()
     summary = summary.reset_index()
     summary['localised'] = summary.region_fraction < LOCALISED_FRACTION
     order = {a: i for i, a in enumerate(CELEBA_ATTRIBUTES)}
-    methods = {m: i for i, m in enumerate(records.method.unique())}   # methods in the order they were measured
-    summary = summary.sort_values(['method', 'attribute'], key=lambda c: c.map(order if c.name == 'attribute' else methods))
-    def means(rows: pd.DataFrame, name: str) -> pd.DataFrame:
-        by_method = rows.groupby('method', sort=False)
-        return by_method[METRIC_COLUMNS].mean().join(by_method[['images', 'deletion_images']].sum()).reset_index().assign(
-            attribute=name, localised=name == 'mean_localised')
-    columns = ['method', 'attribute', 'localised', 'images', 'deletion_images'] + METRIC_COLUMNS
-    return pd.concat([summary, means(summary, 'mean'), means(summary[summary.localised], 'mean_localised')], ignore_index=True)[columns]
+    methods = {m: i for i, m in enumerate(records.method.unique())}
+    return summary.sort_values(['method', 'attribute'], key=lambda c: c.map(order if c.name == 'attribute' else methods),
+                               ignore_index=True)
+
+def _bootstrap_means(records: pd.DataFrame, metric: str, attributes: list[str], groups: dict, weights: np.ndarray,
+                     images: pd.Index) -> dict[str, np.ndarray]:
+    "Bootstrap samples (one per row of `weights`: how often each image is drawn) of per-attribute means and group macro means."
+    values = records.pivot_table(index='image', columns='attribute', values=metric, aggfunc='mean', dropna=False)
+    values = values.reindex(index=images, columns=attributes).to_numpy(np.float64)
+    present = ~np.isnan(values)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        per_attribute = (weights @ np.where(present, values, 0)) / (weights @ present)     # samples x attributes
+    samples = dict(zip(attributes, per_attribute.T))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)                                  # all-NaN: no such rows
+        samples.update({name: np.nanmean(per_attribute[:, [attributes.index(a) for a in members]], 1) if members
+                        else np.full(len(weights), np.nan) for name, members in groups.items()})
+    return samples
+
+def summarize_explanations(records: pd.DataFrame, samples: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Per method and attribute: mean metrics and image counts, `localised` (region < 10 % of the image); rows 'mean' and
+    'mean_localised' per method (macro averages over all / localised attributes). For the `INTERVAL_METRICS`, bootstrap
+    `level` intervals over images (`<metric>_lo`, `<metric>_hi`: `samples` resamplings of the measured images); for the
+    `MARGIN_METRICS`, each method's margin over the `prior` baseline (`<metric>_vs_prior`, paired: the same resampled
+    images for both) when the records hold the prior."""
+    summary = _point_summary(records)
+    localised = summary.drop_duplicates('attribute').set_index('attribute').localised
+    groups = {'mean': list(localised.index), 'mean_localised': list(localised.index[localised])}
+    means = []
+    for name, members in groups.items():
+        rows = summary[summary.attribute.isin(members)].groupby('method', sort=False)
+        means.append(rows[EXPLANATION_METRICS].mean().join(rows[['images', 'deletion_images']].sum()).reset_index()
+                     .assign(attribute=name, localised=name == 'mean_localised'))
+    summary = pd.concat([summary, *means], ignore_index=True).set_index(['method', 'attribute'])
+    images = pd.Index(sorted(records.image.unique()))
+    weights = np.random.default_rng(seed).multinomial(len(images), np.full(len(images), 1 / len(images)), size=samples)
+    tails = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    draws = {}
+    for method, rows in records.groupby('method', sort=False):
+        attributes = [a for a in CELEBA_ATTRIBUTES if a in set(rows.attribute)]
+        method_groups = {g: [a for a in members if a in attributes] for g, members in groups.items()}
+        for metric in INTERVAL_METRICS:
+            draws[method, metric] = _bootstrap_means(rows, metric, attributes, method_groups, weights, images)
+            for attribute, sample in draws[method, metric].items():
+                if np.isfinite(sample).any():
+                    summary.loc[(method, attribute), [f'{metric}_lo', f'{metric}_hi']] = np.nanpercentile(sample, tails)
+    if MARGIN_BASELINE in set(records.method):
+        for (method, metric), by_attribute in draws.items():
+            if method == MARGIN_BASELINE or metric not in MARGIN_METRICS: continue
+            for attribute, sample in by_attribute.items():
+                reference = draws[MARGIN_BASELINE, metric].get(attribute)
+                if reference is None or (method, attribute) not in summary.index: continue
+                margin = summary.loc[(method, attribute), metric] - summary.loc[(MARGIN_BASELINE, attribute), metric]
+                difference = sample - reference
+                interval = np.nanpercentile(difference, tails) if np.isfinite(difference).any() else [np.nan, np.nan]
+                summary.loc[(method, attribute), [f'{metric}_vs_prior', f'{metric}_vs_prior_lo', f'{metric}_vs_prior_hi']] = [margin, *interval]
+    columns = ['method', 'attribute', 'localised', 'images', 'deletion_images', *EXPLANATION_METRICS,
+               *(f'{m}_{end}' for m in INTERVAL_METRICS for end in ('lo', 'hi')),
+               *(f'{m}_vs_prior{end}' for m in MARGIN_METRICS for end in ('', '_lo', '_hi'))]
+    return summary.reset_index().reindex(columns=columns)
+
+
+# %% ../nbs/05_explain.ipynb #901903a7
+TABLE_METRICS = ('pointing_game', 'energy_share', 'cf_pointing_game', 'attention_response', 'probability_change',
+                 'deletion_auc', 'insertion_auc')
+
+def _with_interval(value, lo, hi, signed: bool = False) -> str:
+    if pd.isna(value): return ''
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text if pd.isna(lo) else f"{text} [{lo:.3f}, {hi:.3f}]"
+
+def explanation_table(summary: pd.DataFrame, attribute: str = 'mean_localised', metrics=TABLE_METRICS) -> pd.DataFrame:
+    """One row per method for one `summary` row (default: the macro mean over localised attributes): each metric with its
+    bootstrap interval, and for the `MARGIN_METRICS` the margin over the prior (`vs prior`); empty where it does not apply."""
+    rows = summary[summary.attribute == attribute].set_index('method')
+    table = pd.DataFrame(index=rows.index)
+    table['images'] = rows.images
+    for metric in metrics:
+        if rows[metric].isna().all(): continue
+        table[metric] = [_with_interval(r[metric], r.get(f'{metric}_lo'), r.get(f'{metric}_hi')) for _, r in rows.iterrows()]
+        if metric in MARGIN_METRICS and rows[f'{metric}_vs_prior'].notna().any():
+            table[f'{metric} vs prior'] = [_with_interval(r[f'{metric}_vs_prior'], r[f'{metric}_vs_prior_lo'],
+                                                          r[f'{metric}_vs_prior_hi'], signed=True) for _, r in rows.iterrows()]
+    return table.reset_index()
+
+PLOT_METRICS = {'pointing_game': 'pointing game (higher is better)', 'energy_share': 'energy share in the region (higher is better)',
+                'cf_pointing_game': 'pointing game on the counterfactual region (higher is better)',
+                'deletion_auc': 'deletion AUC (lower is better)', 'insertion_auc': 'insertion AUC (higher is better)'}
 
 def plot_explanation_metrics(summary: pd.DataFrame) -> Figure:
-    "Bar charts per attribute (hue = method): pointing game (and its ceiling), energy share (and a uniform map's), deletion and insertion AUC."
+    """Bars per attribute and method with their bootstrap intervals: pointing game (black ticks: the ceiling of the first
+    method's grid), energy share (black: a uniform map's), the counterfactual pointing game, deletion and insertion AUC."""
     import seaborn as sns
-    per_attribute = summary[~summary.attribute.isin(['mean', 'mean_localised'])]
-    fig = Figure(figsize=(12, 10), layout='constrained')
-    axes = fig.subplots(4, 1, sharex=True)
-    titles = {'pointing_game': 'pointing game (higher is better)', 'energy_share': 'energy share in the region (higher is better)',
-              'deletion_auc': 'deletion AUC (lower is better)', 'insertion_auc': 'insertion AUC (higher is better)'}
-    for ax, (metric, title) in zip(axes, titles.items()):
-        sns.barplot(per_attribute, x='attribute', y=metric, hue='method', ax=ax, legend=ax is axes[0])
-        ax.set_title(title, fontsize=10); ax.set_ylabel(''); ax.set_ylim(0, 1)
-        reference = {'pointing_game': ('pointing_ceiling', f"ceiling of {per_attribute.method.iloc[0]}'s grid"),
-                     'energy_share': ('region_fraction', 'uniform map')}.get(metric)
+    per_attribute = summary[~summary.attribute.isin(MEAN_ROWS)]
+    metrics = [m for m in PLOT_METRICS if per_attribute[m].notna().any()]
+    methods = list(per_attribute.method.unique())
+    attributes = [a for a in CELEBA_ATTRIBUTES if a in set(per_attribute.attribute)]
+    fig = Figure(figsize=(13, 2.6 * len(metrics) + 1), layout='constrained')
+    axes = np.atleast_1d(fig.subplots(len(metrics), 1, sharex=True))
+    width, x = 0.8 / len(methods), np.arange(len(attributes))
+    colours = dict(zip(methods, sns.color_palette('tab10', len(methods))))
+    for ax, metric in zip(axes, metrics):
+        for j, method in enumerate(methods):
+            rows = per_attribute[per_attribute.method == method].set_index('attribute').reindex(attributes)
+            if rows[metric].isna().all(): continue
+            error = None
+            if f'{metric}_lo' in rows:
+                error = np.abs(np.stack([rows[metric] - rows[f'{metric}_lo'], rows[f'{metric}_hi'] - rows[metric]]).astype(float))
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, rows[metric], width, yerr=error, label=method,
+                   color=colours[method], error_kw=dict(lw=0.6, capsize=0))
+        reference = {'pointing_game': 'pointing_ceiling', 'energy_share': 'region_fraction'}.get(metric)
         if reference:
-            first = per_attribute[per_attribute.method == per_attribute.method.iloc[0]]
-            ax.scatter(range(len(first)), first[reference[0]].to_numpy(), marker='_', s=300, color='black', zorder=3)
-            ax.set_title(f"{title}; black: {reference[1]}", fontsize=10)
-    axes[-1].tick_params(axis='x', rotation=90)
+            first = per_attribute[per_attribute.method == methods[0]].set_index('attribute').reindex(attributes)
+            ax.scatter(x, first[reference], marker='_', s=250, color='black', zorder=3)
+        ax.set_title(PLOT_METRICS[metric] + {'pointing_game': f"; black: ceiling of {methods[0]}'s grid",
+                                             'energy_share': '; black: a uniform map'}.get(metric, ''), fontsize=10)
+        ax.set_ylim(0, 1)
+    axes[0].legend(ncols=len(methods), fontsize=8, loc='lower left', bbox_to_anchor=(0, 1.12))
+    axes[-1].set_xticks(x, attributes, rotation=90)
     return fig
 
 def compare_explanations(abn_model, baseline_model, dataset, baseline_dataset=None, **kwargs) -> pd.DataFrame:
     "Records of ABN attention (of `abn_model`) and Grad-CAM (of `baseline_model`) on the same images."
     return pd.concat([explanation_records(abn_model, dataset, 'attention', **kwargs),
                       explanation_records(baseline_model, baseline_dataset or dataset, 'gradcam', **kwargs)], ignore_index=True)
+
 
 # %% ../nbs/05_explain.ipynb #03dcc3a9
 def iter_explanations(model, dataset, n: int | None = None, preset: str | None = None, batch_size: int = 16,
@@ -666,15 +936,28 @@ def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, s
 
 # %% ../nbs/05_explain.ipynb #e2454f5e
 VIEW_ATTRIBUTES = ('Eyeglasses', 'Smiling', 'Wearing_Hat', 'Big_Nose', 'Mustache')
+CAM_COMPARISONS = (('gradcam', 'layer4'), ('gradcam', 'layer3'), ('gradcampp', 'layer4'))   # (method, layer) on a baseline
 
 def _dataset_for(config: dict, data, split: str) -> tuple[CelebADataset, str]:
     preset, size = inference_settings(config)
     return CelebADataset(data, split, get_transform(preset, size)), preset
 
-def explain_run(run_dir, data=None, split: str = 'test', n: int = 16, metrics_images: int = 128, mode: str = 'pos',
-                baseline=None, gradcam_layers=('layer4', 'layer3'), deletion_images: int = 4, steps: int = 10,
-                views=VIEW_ATTRIBUTES, ground_truth: str = 'auto', progress: bool = True) -> pd.DataFrame:
-    "Attention grids, attribute views and explanation metrics (+ Grad-CAM of `baseline`) -> RUN/explain/<split>/; returns the summary."
+def _counterfactuals_for(dataset: CelebADataset, regions: AttributeRegions, report) -> Counterfactuals | None:
+    "Counterfactual pairs where the data can be redrawn (a SynthCelebA folder of this generator), else None and a note."
+    if regions.kind != 'synth': return None
+    try: return Counterfactuals(dataset.celeba.root, dataset.transform)
+    except MtabnError as e:
+        report(f"note: no counterfactual metrics: {e}")
+        return None
+
+def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_images: int = 128, mode: str = 'pos',
+                baseline=None, cams=CAM_COMPARISONS, deletion_images: int = 4, steps: int = 10, views=VIEW_ATTRIBUTES,
+                ground_truth: str = 'auto', counterfactual: bool = True, prior_split: str = 'train', progress: bool = True,
+                report=None) -> pd.DataFrame:
+    """Attention grids, attribute views and explanation metrics of ABN attention and of the `prior`, `centre` and `uniform`
+    baselines (+ the `cams` of `baseline`), with counterfactual metrics on SynthCelebA -> RUN/explain/<split>/; returns the
+    summary. Choices are made on `split='valid'`; measure `test` once per final recipe. The prior is fitted on `prior_split`."""
+    report = report or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     config = saved_config(run_dir)
     data = data or config.get('data')
@@ -687,21 +970,36 @@ def explain_run(run_dir, data=None, split: str = 'test', n: int = 16, metrics_im
     regions = AttributeRegions(dataset, ground_truth)
     for attribute in [a for a in views if a in regions.table]:
         attribute_grid(examples, attribute, mode).save(out/'attribute_views'/f"{attribute}.jpg")
+    size = tuple(dataset[0][0].shape[-2:])
+    prior = attribute_prior(data, regions.kind, size, prior_split, progress)
     options = dict(n=metrics_images, deletion_images=deletion_images, steps=steps, progress=progress)
-    records = explanation_records(model, dataset, 'attention', regions=regions, **options)
+    pairs = _counterfactuals_for(dataset, regions, report) if counterfactual else None
+    records = [explanation_records(model, dataset, method, regions=regions, prior=prior, counterfactuals=pairs, **options)
+               for method in ('attention', *BASELINE_METHODS)]
     if baseline is not None:
         baseline_model, (baseline_dataset, _) = load_model(baseline), _dataset_for(saved_config(baseline), data, split)
         baseline_regions = AttributeRegions(baseline_dataset, ground_truth)
-        records = pd.concat([records, *(explanation_records(baseline_model, baseline_dataset, 'gradcam', target_layer=layer,
-                                                            label=f'gradcam_{layer}', regions=baseline_regions, **options)
-                                        for layer in gradcam_layers)], ignore_index=True)
+        baseline_pairs = _counterfactuals_for(baseline_dataset, baseline_regions, report) if counterfactual else None
+        records += [explanation_records(baseline_model, baseline_dataset, method, target_layer=layer, label=f'{method}_{layer}',
+                                        regions=baseline_regions, counterfactuals=baseline_pairs, **options)
+                    for method, layer in cams]
+    records = pd.concat(records, ignore_index=True)
     summary = summarize_explanations(records)
+    out.mkdir(parents=True, exist_ok=True)
     records.to_csv(out/'explanation_records.csv', index=False)
     summary.to_csv(out/'explanation_metrics.csv', index=False)
+    explanation_table(summary).to_csv(out/'explanation_table.csv', index=False)
     plot_explanation_metrics(summary).savefig(out/'explanation_metrics.png', dpi=100)
-    means = {method: rows.set_index('attribute')[METRIC_COLUMNS].to_dict(orient='index')
-             for method, rows in summary[summary.attribute.isin(['mean', 'mean_localised'])].groupby('method')}
+    means = {method: rows.set_index('attribute').drop(columns=['method']).to_dict(orient='index')
+             for method, rows in summary[summary.attribute.isin(MEAN_ROWS)].groupby('method', sort=False)}
     (out/'explanation_summary.json').write_text(json.dumps(dict(
         split=split, ground_truth=regions.kind, regions=regions.table, excluded=regions.excluded, mode=mode,
-        tolerance=POINTING_TOLERANCE, baseline=None if baseline is None else str(baseline), mean=means), indent=1))
+        tolerance=POINTING_TOLERANCE, baseline=None if baseline is None else str(baseline),
+        counterfactual=pairs is not None, images=int(records.image.nunique()), mean=means), indent=1, default=_json_number))
     return summary
+
+def _json_number(value):
+    "NaN-free JSON: numpy scalars as numbers, NaN as null."
+    value = value.item() if hasattr(value, 'item') else value
+    return None if isinstance(value, float) and np.isnan(value) else value
+

@@ -27,9 +27,10 @@ from .data import (CELEBA_ATTRIBUTES, CELEBA_TRAIN_FREQUENCIES, IMAGE_DIR, Mtabn
 # %% auto #0
 __all__ = ['IMAGE_WIDTH', 'IMAGE_HEIGHT', 'PART_DIR', 'PART_TABLE', 'MARKER_FILE', 'PART_NAMES', 'PART_IDS', 'SKIN_PARTS',
            'BEARD_PARTS', 'FACE_SHAPE_PARTS', 'ATTRIBUTE_PARTS', 'CELEBA_POSITIVE_RATES', 'HAIR_COLOURS',
-           'HAIR_TEXTURES', 'BEARDS', 'ATTRACTIVE_THRESHOLD', 'CX', 'CY', 'GENERATOR_VERSION', 'JPEG_QUALITY',
-           'MAX_IMAGES', 'part_table', 'sample_attributes', 'compare_frequencies', 'render_face', 'synth_face',
-           'evidence_table', 'synth_split_sizes', 'make_synth_celeba', 'load_part_map', 'attribute_mask',
+           'HAIR_TEXTURES', 'BEARDS', 'ATTRACTIVE_THRESHOLD', 'CX', 'CY', 'LAYOUTS', 'FACE_BOX_PARTS',
+           'GENERATOR_VERSION', 'JPEG_QUALITY', 'MAX_IMAGES', 'BBOX_FILE', 'BBOX_COLUMNS', 'part_table',
+           'sample_attributes', 'compare_frequencies', 'render_face', 'synth_face', 'face_box', 'evidence_table',
+           'synth_split_sizes', 'synth_settings', 'make_synth_celeba', 'load_part_map', 'attribute_mask',
            'benchmark_synth']
 
 # %% ../nbs/01_synth.ipynb #3d099eab
@@ -135,13 +136,22 @@ def compare_frequencies(attributes: pd.DataFrame) -> pd.DataFrame:
 _SHIFT = 4                      # OpenCV fixed-point bits: shapes at 1/16 px
 _ONE = 1 << _SHIFT
 
+@dataclass(frozen=True)
+class _Layout:
+    "Where the face sits in the frame (a similarity transform of the canonical face), and where one-sided evidence goes."
+    offset: np.ndarray; scale: float; angle: float
+    earring_sides: tuple = (-1, 1)     # -1: the image's left, 1: its right
+    hat_tilt: float = 0.               # degrees
+    body_extra: float = 0.             # extra depth of the clothes (px below the canonical frame)
+
 class _Painter:
-    "Draws canonical-face shapes on an RGB image and its part map through one similarity transform."
-    def __init__(self, img, parts, center, offset, scale, angle):
-        self.img, self.parts, self.scale, self.angle = img, parts, scale, angle
-        c, s = math.cos(math.radians(angle)) * scale, math.sin(math.radians(angle)) * scale
+    "Draws canonical-face shapes on an RGB image and its part map through `layout`'s similarity transform about `center`."
+    def __init__(self, img, parts, center, layout: _Layout):
+        self.img, self.parts, self.layout = img, parts, layout
+        self.scale, self.angle = layout.scale, layout.angle
+        c, s = math.cos(math.radians(self.angle)) * self.scale, math.sin(math.radians(self.angle)) * self.scale
         self.rot = np.array([[c, -s], [s, c]])
-        self.shift = np.asarray(center, float) + offset - self.rot @ np.asarray(center, float)
+        self.shift = np.asarray(center, float) + layout.offset - self.rot @ np.asarray(center, float)
 
     def xy(self, pts) -> np.ndarray:
         "Canonical points (..., 2) -> image points."
@@ -308,7 +318,11 @@ def _background(rng) -> np.ndarray:
     top, bottom = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
     column = (top + (bottom - top) * np.linspace(0, 1, IMAGE_HEIGHT)[:, None]).astype(np.uint8)[:, None, :]
     img = cv2.resize(column, (IMAGE_WIDTH, IMAGE_HEIGHT), interpolation=cv2.INTER_NEAREST)
-    for _ in range(rng.integers(4, 10)):
+    return cv2.GaussianBlur(_clutter(img, rng, rng.integers(4, 10)), (5, 5), 0)
+
+def _clutter(img, rng, count: int) -> np.ndarray:
+    "`count` random rectangles, discs and lines drawn on `img` (in place)."
+    for _ in range(count):
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
         x, y = (int(v) for v in rng.integers(0, (IMAGE_WIDTH, IMAGE_HEIGHT)))
         kind, size = rng.integers(3), int(rng.integers(8, 45))
@@ -317,7 +331,7 @@ def _background(rng) -> np.ndarray:
         else:
             end = tuple(int(v) for v in rng.integers(0, (IMAGE_WIDTH, IMAGE_HEIGHT)))
             cv2.line(img, (x, y), end, colour, int(rng.integers(2, 7)), cv2.LINE_AA)
-    return cv2.GaussianBlur(img, (5, 5), 0)
+    return img
 
 _TILE_MARGIN = 48
 
@@ -385,7 +399,8 @@ def _draw_body(P, a, f, rng):
     top, shirt, colour = 190 + rng.uniform(-3, 3), _vivid(rng), _vivid(rng)
     metal, pendant = _METAL[rng.integers(len(_METAL))], _vivid(rng) if rng.random() < 0.5 else None
     tie = a['Wearing_Necktie']
-    P.ellipse((cx, top + 44), (f.head_ax + 48, 44), _shade(shirt, 0.45) if tie else shirt, 'clothes')
+    depth = 44 + P.layout.body_extra
+    P.ellipse((cx, top + depth), (f.head_ax + 48, depth), _shade(shirt, 0.45) if tie else shirt, 'clothes')
     neck = _shade(skin, 0.86)
     w = f.head_ax
     P.poly([(cx - 0.5 * w, CY + 30), (cx + 0.5 * w, CY + 30), (cx + 0.56 * w, top + 8), (cx - 0.56 * w, top + 8)], neck, 'neck')
@@ -409,7 +424,7 @@ def _draw_ears(P, a, f, rng):
         x = CX + s * (f.edge_x(ey + 8) + 1)
         P.ellipse((x, ey + 8), (7.5, 15), _shade(f.skin, 0.92), 'ears')
         P.ellipse((x + s * 1.5, ey + 8), (3.5, 9), _shade(f.skin, 0.7), thickness=2)
-        if a['Wearing_Earrings']:
+        if a['Wearing_Earrings'] and s in P.layout.earring_sides:
             x += s * 2           # hanging from the lobe, outside the jaw line
             if style == 0: P.ellipse((x, ey + 24), (6, 6), metal, 'earrings')
             elif style == 1: P.ellipse((x, ey + 31), (8, 8), metal, 'earrings', thickness=3.5)
@@ -540,9 +555,10 @@ def _draw_hat(P, a, f, rng):
     y, colour, brim = 66 + rng.uniform(-3, 3), _vivid(rng), rng.random() < 0.6
     if not a['Wearing_Hat']: return
     hx, hy, hax, hay = f.hair_shell
-    P.ellipse((hx, y), (hax + 2, y - (hy - hay) + 4), colour, 'hat', arc=(180, 360))
-    P.ellipse((hx, y - 5), (hax + 2, 5), _shade(colour, 0.6), 'hat')
-    if brim: P.ellipse((hx, y), (hax + 16, 6), _shade(colour, 0.85), 'hat')
+    tilt = P.layout.hat_tilt
+    P.ellipse((hx, y), (hax + 2, y - (hy - hay) + 4), colour, 'hat', arc=(180, 360), angle=tilt)
+    P.ellipse((hx, y - 5), (hax + 2, 5), _shade(colour, 0.6), 'hat', angle=tilt)
+    if brim: P.ellipse((hx, y), (hax + 16, 6), _shade(colour, 0.85), 'hat', angle=tilt)
 
 def _draw_glasses(P, a, f, rng):
     coloured, tinted, round_ = _vivid(rng), rng.random() < 0.3, rng.random() < 0.4
@@ -558,15 +574,30 @@ def _draw_glasses(P, a, f, rng):
         P.poly([(ex + s * 15, ey - 2), (CX + s * (f.edge_x(ey) + 2), ey - 3)], frame, 'eyeglasses', thickness=3, closed=False)
     P.poly([(CX - f.edx + 15, ey - 1), (CX, ey - 3), (CX + f.edx - 15, ey - 1)], frame, 'eyeglasses', thickness=3, closed=False)
 
-_STEPS = ('background', 'pose', 'geometry', 'back_hair', 'body', 'ears', 'eyes', 'mouth', 'front_hair', 'hat', 'glasses', 'camera')
+_STEPS = ('background', 'pose', 'geometry', 'back_hair', 'body', 'ears', 'eyes', 'mouth', 'front_hair', 'hat', 'glasses',
+          'camera', 'wild')       # new steps go last: the streams of the others keep their seeds
+LAYOUTS = ('aligned', 'wild')
 
-def render_face(a: dict, rng: np.random.Generator, camera: bool = True):
-    "Draw a face showing the labels `a`: (RGB image 218x178x3, part-id map 218x178, 10 landmarks); `camera=False`: no noise, colour balance or blur."
+def _layout(layout: str, pose, wild) -> _Layout:
+    "`aligned`: CelebA's aligned crops; `wild`: a face anywhere in the frame, one earring, a tilted hat."
+    aligned = _Layout(pose.uniform((-6, -5), (6, 5)), pose.uniform(0.93, 1.07), pose.uniform(-6, 6))
+    if layout == 'aligned': return aligned
+    if layout != 'wild': raise MtabnError(f"layout={layout!r}: use one of {', '.join(LAYOUTS)}")
+    scale, angle = wild.uniform(0.55, 1.25), wild.uniform(-30, 30)
+    offset = wild.uniform(-1, 1, 2) * (0.42 * IMAGE_WIDTH, 0.36 * IMAGE_HEIGHT)
+    side = 1 if wild.random() < 0.5 else -1
+    return _Layout(offset, scale, angle, earring_sides=(side,), hat_tilt=side * wild.uniform(8, 22), body_extra=180.)
+
+def render_face(a: dict, rng: np.random.Generator, camera: bool = True, layout: str = 'aligned'):
+    """Draw a face showing the labels `a`: (RGB image 218x178x3, part-id map 218x178, 10 landmarks); `camera=False`: no noise,
+    colour balance or blur; `layout`: 'aligned' (CelebA's aligned crops) or 'wild' (see `_layout`)."""
     key = int(rng.integers(2 ** 63))      # one stream per step: a label changes only its own step's drawing
     r = {step: np.random.default_rng([key, i]) for i, step in enumerate(_STEPS)}
     parts = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), np.uint8)
-    pose = r['pose']
-    P = _Painter(_background(r['background']), parts, (CX, CY), pose.uniform((-6, -5), (6, 5)), pose.uniform(0.93, 1.07), pose.uniform(-6, 6))
+    pose = _layout(layout, r['pose'], r['wild'])
+    background = _background(r['background'])
+    if layout == 'wild': _clutter(background, r['wild'], r['wild'].integers(6, 14))    # sharp shapes over the blurred ones
+    P = _Painter(background, parts, (CX, CY), pose)
     f = _face_geometry(a, r['geometry'])
     texture = _draw_back_hair(P, a, f, r['back_hair'])
     _draw_body(P, a, f, r['body'])
@@ -584,11 +615,21 @@ def render_face(a: dict, rng: np.random.Generator, camera: bool = True):
     img = _camera(P.img, r['camera'], a['Blurry']) if camera else P.img
     return img, parts, np.round(landmarks).astype(np.int64).ravel()
 
-def synth_face(seed: int, number: int):
-    "Image `number` (1-based) of the SynthCelebA set `seed`: (labels dict, RGB image, part map, 10 landmarks)."
+def synth_face(seed: int, number: int, layout: str = 'aligned'):
+    "Image `number` (1-based) of the SynthCelebA set `seed` in `layout`: (labels dict, RGB image, part map, 10 landmarks)."
     rng = np.random.default_rng([seed, number])
     labels = sample_attributes(rng)
-    return (labels, *render_face(labels, rng))
+    return (labels, *render_face(labels, rng, layout=layout))
+
+FACE_BOX_PARTS = ('face', 'forehead', 'eyebrows', 'eyes', 'under_eyes', 'nose', 'cheeks', 'upper_lip', 'mouth', 'chin', 'jaw',
+                  'sideburns', 'ears')
+
+def face_box(part_map: np.ndarray) -> tuple[int, int, int, int]:
+    "(x_1, y_1, width, height) of the face's visible pixels (`FACE_BOX_PARTS`) in a part map, like CelebA's bounding boxes."
+    ys, xs = np.nonzero(np.isin(part_map, [PART_IDS[p] for p in FACE_BOX_PARTS]))
+    if not len(xs): return 0, 0, 0, 0
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
 
 # %% ../nbs/01_synth.ipynb #ddc0efd0
 def _counterfactual_pair(labels: dict, attribute: str):
@@ -621,7 +662,9 @@ JPEG_QUALITY = 92
 MAX_IMAGES = 999_999           # six-digit file names, like CelebA's
 _CHUNK = 100
 _CELEBA_SPLITS = (162_770, 19_867, 19_962)
-_OWN_FILES = ('list_attr_celeba.txt', 'list_eval_partition.txt', 'list_landmarks_align_celeba.txt', PART_TABLE)
+BBOX_FILE = 'list_bbox_celeba.txt'
+BBOX_COLUMNS = ('x_1', 'y_1', 'width', 'height')
+_OWN_FILES = ('list_attr_celeba.txt', 'list_eval_partition.txt', 'list_landmarks_align_celeba.txt', BBOX_FILE, PART_TABLE)
 
 def synth_split_sizes(n: int) -> tuple[int, int, int]:
     "Train, valid and test sizes for `n` images in CelebA's official proportions (80.3 / 9.8 / 9.9 %), valid and test never empty from 3 images on."
@@ -629,18 +672,24 @@ def synth_split_sizes(n: int) -> tuple[int, int, int]:
     if n >= 3: valid, test = max(valid, 1), max(test, 1)
     return n - valid - test, valid, test
 
+def _write_bboxes(root: Path, names, boxes):
+    "`list_bbox_celeba.txt` in CelebA's format: the count, the column names, then `000001.jpg    95  71 226 313` rows."
+    rows = [f"{name} " + ' '.join(f"{v:>4}" for v in box) for name, box in zip(names, boxes)]
+    (root/BBOX_FILE).write_text('\n'.join([str(len(names)), 'image_id ' + ' '.join(BBOX_COLUMNS), *rows]) + '\n')
+
 def _write_chunk(job):
-    "Render and write the images `numbers`; return their label and landmark rows (also runs in worker processes)."
-    root, seed, numbers = job
-    labels, landmarks = [], []
+    "Render and write the images `numbers`; return their label, landmark and face-box rows (also runs in worker processes)."
+    root, seed, layout, numbers = job
+    labels, landmarks, boxes = [], [], []
     for number in numbers:
-        a, image, parts, points = synth_face(seed, number)
+        a, image, parts, points = synth_face(seed, number, layout)
         jpeg = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
         jpeg.tofile(root/IMAGE_DIR/f"{number:06d}.jpg")
         cv2.imencode('.png', parts, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tofile(root/PART_DIR/f"{number:06d}.png")
         labels.append([a[k] for k in CELEBA_ATTRIBUTES])
         landmarks.append(points)
-    return labels, landmarks
+        boxes.append(face_box(parts))
+    return labels, landmarks, boxes
 
 def _check_int(name: str, value, low: int, high: int, hint: str):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
@@ -653,12 +702,21 @@ def _read_marker(out: Path) -> dict | None:
     try: return json.loads(path.read_text())
     except (ValueError, OSError): return {}
 
-def _marker(n: int, seed: int, complete: bool) -> dict:
-    "What the marker file says of a set: the cache key (generator version, n, seed) and whether it was finished."
-    return dict(generator='multitask_abn.synth', version=GENERATOR_VERSION, n=n, seed=seed, complete=complete)
+def _marker(n: int, seed: int, layout: str, complete: bool) -> dict:
+    "What the marker file says of a set: the cache key (generator version, n, seed, layout) and whether it was finished."
+    return dict(generator='multitask_abn.synth', version=GENERATOR_VERSION, n=n, seed=seed, layout=layout, complete=complete)
 
-def _is_finished(out: Path, marker: dict | None, n: int, seed: int) -> bool:
-    if marker != _marker(n, seed, complete=True): return False
+def synth_settings(root) -> dict:
+    "The generator settings (n, seed, layout, ...) of a complete SynthCelebA folder, read from its marker file."
+    root = find_celeba_root(root)
+    marker = _read_marker(root)
+    if not marker or not marker.get('complete') or 'layout' not in marker:
+        raise MtabnError(f"{root/MARKER_FILE} is missing, unfinished or from an older generator: "
+                         f"this is not a complete SynthCelebA folder (regenerate it with mtabn_synth)")
+    return marker
+
+def _is_finished(out: Path, marker: dict | None, n: int, seed: int, layout: str) -> bool:
+    if marker != _marker(n, seed, layout, complete=True): return False
     return all((out/d).is_dir() and sum(1 for _ in (out/d).iterdir()) == n for d in (IMAGE_DIR, PART_DIR))
 
 def _prepare(out: Path, marker: dict | None):
@@ -672,34 +730,38 @@ def _prepare(out: Path, marker: dict | None):
         for name in (*_OWN_FILES, MARKER_FILE): (out/name).unlink(missing_ok=True)
     for d in (IMAGE_DIR, PART_DIR): (out/d).mkdir(parents=True, exist_ok=True)
 
-def _write_marker(out: Path, n: int, seed: int, complete: bool):
-    (out/MARKER_FILE).write_text(json.dumps(_marker(n, seed, complete)) + '\n')
+def _write_marker(out: Path, n: int, seed: int, layout: str, complete: bool):
+    (out/MARKER_FILE).write_text(json.dumps(_marker(n, seed, layout, complete)) + '\n')
 
-def make_synth_celeba(out, n: int = 1000, seed: int = 0, num_workers: int = 1, progress: bool | None = None) -> Path:
-    "Write `n` SynthCelebA images (seed `seed`) into `out` in CelebA's layout, plus part maps; return the folder."
+def make_synth_celeba(out, n: int = 1000, seed: int = 0, num_workers: int = 1, progress: bool | None = None,
+                      layout: str = 'aligned') -> Path:
+    """Write `n` SynthCelebA images (seed `seed`) into `out` in CelebA's layout, plus part maps; return the folder.
+    `layout`: 'aligned' (CelebA's aligned crops) or 'wild' (faces anywhere in the frame, see `render_face`)."""
     _check_int('n', n, 1, MAX_IMAGES, "the number of images to generate, e.g. 1000")
     _check_int('seed', seed, 0, 2 ** 63 - 1, "a non-negative random seed")
     _check_int('num_workers', num_workers, 1, 256, "processes rendering in parallel")
+    if layout not in LAYOUTS: raise MtabnError(f"layout={layout!r} (--layout): use one of {', '.join(LAYOUTS)}")
     out = Path(out).expanduser()
     marker = _read_marker(out)
-    if _is_finished(out, marker, n, seed): return out
+    if _is_finished(out, marker, n, seed, layout): return out
     _prepare(out, marker)
-    _write_marker(out, n, seed, complete=False)
-    jobs = [(out, seed, range(start, min(start + _CHUNK, n + 1))) for start in range(1, n + 1, _CHUNK)]
-    labels, landmarks = [], []
+    _write_marker(out, n, seed, layout, complete=False)
+    jobs = [(out, seed, layout, range(start, min(start + _CHUNK, n + 1))) for start in range(1, n + 1, _CHUNK)]
+    labels, landmarks, boxes = [], [], []
     with tqdm(total=n, unit='img', desc='SynthCelebA', disable=not (n >= 2000 if progress is None else progress)) as bar:
         pool = Pool(num_workers) if num_workers > 1 else None
         try:
-            for chunk_labels, chunk_landmarks in (pool.imap(_write_chunk, jobs) if pool else map(_write_chunk, jobs)):
-                labels += chunk_labels; landmarks += chunk_landmarks
+            for chunk_labels, chunk_landmarks, chunk_boxes in (pool.imap(_write_chunk, jobs) if pool else map(_write_chunk, jobs)):
+                labels += chunk_labels; landmarks += chunk_landmarks; boxes += chunk_boxes
                 bar.update(len(chunk_labels))
         finally:
             if pool: pool.close(); pool.join()
     train, valid, test = synth_split_sizes(n)
     names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
     write_celeba_annotations(out, names, np.array(labels), [0] * train + [1] * valid + [2] * test, np.array(landmarks))
+    _write_bboxes(out, names, boxes)
     part_table()[['part_id', 'name']].to_csv(out/PART_TABLE, index=False)
-    _write_marker(out, n, seed, complete=True)
+    _write_marker(out, n, seed, layout, complete=True)
     return out
 
 def load_part_map(root, filename) -> np.ndarray:

@@ -248,3 +248,19 @@ def test_sweep_trains_on_synth_celeba(tmp_path):
     assert (tmp_path / 'sweep' / 'report' / 'report.html').is_file()
     again = run_sweep(grid, tmp_path / 'sweep', params=dict(recipe='demo', data=str(tmp_path / 'synth'), epochs=1, image_size=32), verbose=False)
     assert list(again.status.status) == ['skipped', 'skipped']
+
+
+def test_report_shows_the_explanation_table_beside_its_baselines(tmp_path):
+    "Where explain_run wrote its headline table, the report shows it (with the baselines' legend) instead of the wide metrics CSV."
+    from multitask_abn.analysis import EXPLANATION_TABLE_LEGEND
+    run = tmp_path / 'explained'
+    write_fake_run(run, seed=5)
+    folder = run / 'explain' / 'valid'
+    folder.mkdir(parents=True)
+    pd.DataFrame({'method': ['attention', 'prior'], 'pointing_game': ['0.812 [0.770, 0.850]', '0.213 [0.180, 0.250]'],
+                  'pointing_game vs prior': ['+0.599 [0.540, 0.650]', '']}).to_csv(folder / 'explanation_table.csv', index=False)
+    pd.DataFrame({'method': ['attention'], 'attribute': ['Smiling'], 'wide_column_only_in_metrics': [0.5]}).to_csv(
+        folder / 'explanation_metrics.csv', index=False)
+    md = (write_report([run], tmp_path / 'report').parent / 'report.md').read_text()
+    assert '+0.599 [0.540, 0.650]' in md and EXPLANATION_TABLE_LEGEND[:60] in md and '(split `valid`)' in md
+    assert 'wide_column_only_in_metrics' not in md and '`explain/valid/explanation_metrics.csv`' in md

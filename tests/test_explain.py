@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from multitask_abn.data import CELEBA_ATTRIBUTES, IMAGE_DIR, CelebADataset, MtabnError, get_transform, write_celeba_annotations
-from multitask_abn.explain import (AttributeRegions, Explanation, attention_grid, attribute_grid, compare_explanations, curve_auc,
-                                   deletion_insertion_curves, energy_share, explanation_records, gradcam_saliency, grid_origins, peak_location,
-                                   pointing_ceiling, pointing_game, resize_maps, attention_panels,
-                                   explain_images, explain_run, predict, save_attention_grids, scale_maps, summarize_explanations)
+from multitask_abn.explain import (BASELINE_METHODS, AttributeRegions, Counterfactuals, Explanation, attention_grid, attention_saliency,
+                                   attribute_grid, attribute_prior, compare_explanations, curve_auc, deletion_insertion_curves, energy_share,
+                                   explanation_records, explanation_table, fit_prior, gradcam_saliency, grid_origins, peak_location,
+                                   pointing_ceiling, pointing_game, resize_maps, attention_panels, explain_images, explain_run, predict,
+                                   save_attention_grids, scale_maps, summarize_explanations)
 from multitask_abn.models import create_model, save_model, save_seed_checkpoint
 
 TYPICAL_LANDMARKS = [69, 111, 108, 111, 88, 135, 72, 152, 105, 152]
@@ -158,13 +159,62 @@ def test_gradcam_comparison_runs_on_tiny_models(abn, faces):
     present = faces.labels[:4, [CELEBA_ATTRIBUTES.index(a) for a in attributes]]
     assert set(records.method) == {'attention', 'gradcam'}
     assert len(records) == 2 * int(present.sum()) and (records.label == 1).all()     # present attributes only
-    assert records.energy_share.dropna().between(0, 1).all()                        # NaN: a constant map
+    uniform_share = (records.energy_share - records.region_fraction).abs() < 1e-9      # a constant map: a uniform map's share
+    assert records.energy_share.between(0, 1).all() and (records.energy_share > records.region_fraction).sum() >= uniform_share.sum() / 4
     per_attribute = records.groupby(['method', 'attribute']).deletion_auc.count()
     assert (per_attribute == 1).all()                                                # deletion_images=1 per attribute
     summary = summarize_explanations(records)
     assert summary[summary.attribute == 'mean'].method.tolist() == ['attention', 'gradcam']
     with pytest.raises(MtabnError, match='unknown explanation method'):
         explanation_records(abn, faces, 'lime')
+
+
+def test_on_aligned_faces_a_map_that_ignores_the_image_wins(abn, faces):
+    "The landmarks of `faces` vary by a few pixels: the prior's fixed peak lies in every image's region (the trap of aligned data)."
+    prior = fit_prior(AttributeRegions(faces), (64, 64))
+    records = explanation_records(abn, faces, 'prior', n=6, deletion_images=0, prior=prior)
+    assert len(records) > 20 and records.pointing_game.mean() == 1.0
+    shifted = {a: np.roll(m, 20, axis=1) for a, m in prior.items()}           # the same maps 20 px to the right miss
+    assert explanation_records(abn, faces, 'prior', n=6, deletion_images=0, prior=shifted).pointing_game.mean() < 0.5
+    summary = summarize_explanations(pd.concat([explanation_records(abn, faces, 'attention', n=6, deletion_images=0), records]))
+    row = summary.set_index(['method', 'attribute']).loc[('attention', 'mean')]
+    assert row.pointing_game_vs_prior == pytest.approx(row.pointing_game - 1.0)
+    assert row.pointing_game_vs_prior_lo <= row.pointing_game_vs_prior <= row.pointing_game_vs_prior_hi
+
+
+def test_our_pointing_game_and_energy_share_agree_with_quantus(abn, faces):
+    "Quantus' PointingGame (argmax inside the mask) and AttributionLocalisation (mass inside / total) on hand-built and real maps,"
+    " where the definitions agree: a unique maximum and no tolerance; maps >= 0 with minimum 0 (min-max = divide by the max)."
+    quantus = pytest.importorskip('quantus')
+    rng = np.random.default_rng(1)
+    hand = rng.random((4, 32, 32)); hand[:, 0, 0] = 0
+    images = torch.stack([faces[i][0] for i in range(4)])
+    cams, _ = gradcam_saliency(create_model('resnet10'), images, [CELEBA_ATTRIBUTES.index('Smiling')])
+    attention, _ = attention_saliency(abn, images, [CELEBA_ATTRIBUTES.index('Big_Nose')])
+    real = [scale_maps(m, 'both') for m in np.concatenate([cams[:, 0], attention[:, 0]])]
+    real = [m - m.min() for m in real]
+    masks, maps = [], []
+    for m in [*hand, *real]:
+        mask = np.zeros(m.shape, bool)
+        y, x = rng.integers(0, m.shape[0] - 10, 2)
+        mask[y:y + 10, x:x + 12] = True
+        masks.append(mask); maps.append(m.astype(np.float32))
+    unique = [int((m == m.max()).sum()) == 1 for m in maps]
+    varying = [np.ptp(m) > 0 for m in maps]          # a constant map: ours holds a uniform map's share, Quantus' 0
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))   # Quantus wants one
+    def quantus_scores(metric, chosen):
+        a = np.stack([maps[i] for i in chosen])[:, None]; s = np.stack([masks[i] for i in chosen])[:, None].astype(np.float32)
+        x = np.zeros((len(chosen), 3, *a.shape[-2:]), np.float32)
+        return np.asarray(metric(disable_warnings=True)(model=model, x_batch=x, y_batch=np.zeros(len(chosen), int), a_batch=a,
+                                                        s_batch=s, device='cpu'), dtype=float)
+    for shape in {m.shape for m in maps}:
+        chosen = [i for i, m in enumerate(maps) if m.shape == shape]
+        points = [i for i in chosen if unique[i]]
+        chosen = [i for i in chosen if varying[i]]
+        assert len(points) >= 2 and len(chosen) >= 4
+        assert quantus_scores(quantus.PointingGame, points).tolist() == [float(pointing_game(maps[i], masks[i], 0)) for i in points]
+        ours = [energy_share(maps[i], masks[i]) for i in chosen]
+        assert quantus_scores(quantus.AttributionLocalisation, chosen) == pytest.approx(ours, abs=1e-5)
 
 
 def test_pointing_ceiling_of_a_coarse_grid(abn, faces):
@@ -285,12 +335,22 @@ def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
     out = run/'explain'/'all'
     assert len(list((out/'attention_examples').glob('*.jpg'))) == 3
     table = pd.read_csv(out/'explanation_metrics.csv')
-    assert set(table.method) == {'attention', 'gradcam_layer4', 'gradcam_layer3'} and {'mean', 'mean_localised'} <= set(table.attribute)
+    methods = {'attention', *BASELINE_METHODS, 'gradcam_layer4', 'gradcam_layer3', 'gradcampp_layer4'}
+    assert set(table.method) == methods and {'mean', 'mean_localised'} <= set(table.attribute)
     ceilings = table.pivot(index='attribute', columns='method', values='pointing_ceiling')
     pd.testing.assert_series_equal(ceilings.attention, ceilings.gradcam_layer3, check_names=False)  # both 4x4 at 64 px
+    means = table.set_index(['method', 'attribute'])
+    assert means.loc[('attention', 'mean'), 'pointing_game_vs_prior'] == pytest.approx(
+        means.loc[('attention', 'mean'), 'pointing_game'] - means.loc[('prior', 'mean'), 'pointing_game'])
+    assert means.loc[('uniform', 'mean'), 'energy_share'] == pytest.approx(means.loc[('uniform', 'mean'), 'region_fraction'])
+    records = pd.read_csv(out/'explanation_records.csv')
+    assert records.query("method == 'attention'").attention_response.notna().any()        # counterfactuals on SynthCelebA
+    assert records.query("method == 'prior'").attention_response.isna().all()             # a fixed map cannot respond
+    assert records.query("method == 'attention'").cf_pointing_game.notna().mean() > 0.5
+    assert any((synth/'.mtabn_cache').glob('prior_synth_train_64x64_*.npz'))
     info = json.loads((out/'explanation_summary.json').read_text())
-    assert info['ground_truth'] == 'synth' and info['excluded'] == ['Attractive', 'Blurry']
-    assert set(info['mean']) == {'attention', 'gradcam_layer4', 'gradcam_layer3'}
+    assert info['ground_truth'] == 'synth' and info['excluded'] == ['Attractive', 'Blurry'] and info['counterfactual']
+    assert set(info['mean']) == methods and info['split'] == 'all'
     assert (out/'explanation_metrics.png').is_file()
     assert len(summary) == len(table)
 
@@ -299,12 +359,20 @@ def test_mtabn_explain_prints_the_means_over_all_and_localised_attributes(synth,
     run = untrained_run(synth, tmp_path/'run')
     result = console('mtabn_explain', run, '--split', 'all', '--n', 1, '--metrics-images', 4)
     assert result.returncode == 0, result.stderr
-    table = pd.read_csv(run/'explain'/'all'/'explanation_metrics.csv').set_index('attribute')
-    printed = {line.split()[1]: line.split() for line in result.stdout.splitlines()[1:]}
-    assert set(printed) == {'mean', 'mean_localised'}
-    header = result.stdout.splitlines()[0].split()
-    for name, row in printed.items():
-        assert float(row[header.index('pointing_game')]) == pytest.approx(table.loc[name, 'pointing_game'], abs=5e-4)
+    table = pd.read_csv(run/'explain'/'all'/'explanation_metrics.csv').set_index(['method', 'attribute'])
+    blocks = result.stdout.strip().split('\n\n')
+    assert [b.splitlines()[0] for b in blocks] == [
+        'all split, mean over localised attributes (region < 10 % of the image); [95 % bootstrap interval over images]:',
+        'all split, mean over all attributes; [95 % bootstrap interval over images]:']
+    for block, name in zip(blocks, ('mean_localised', 'mean')):
+        lines = {line.split()[0]: line for line in block.splitlines()[2:]}
+        assert set(lines) == {'attention', *BASELINE_METHODS}
+        for method, line in lines.items():
+            row = table.loc[(method, name)]
+            expected = f"{row.energy_share:.3f} [{row.energy_share_lo:.3f}, {row.energy_share_hi:.3f}]"
+            assert expected in line, (expected, line)
+        prior_margin = table.loc[('attention', name), 'pointing_game_vs_prior']
+        assert f"{prior_margin:+.3f}" in lines['attention']
 
 
 
@@ -324,3 +392,48 @@ def test_demo_recipe_maps_are_fine_enough_to_point_at_small_parts(synth):
     ceiling = small_part_pointing_ceiling(synth, RECIPES['demo']['image_size'])
     assert ceiling >= 0.85
     assert small_part_pointing_ceiling(synth, 64) < ceiling
+
+
+LOCAL_ATTRIBUTES = ('Arched_Eyebrows', 'Bags_Under_Eyes', 'Bangs', 'Big_Lips', 'Bushy_Eyebrows', 'Eyeglasses', 'Goatee', 'Mustache',
+                    'Narrow_Eyes', 'Pointy_Nose', 'Wearing_Earrings', 'Wearing_Lipstick', 'Wearing_Necklace', 'Wearing_Necktie')
+
+
+@pytest.fixture(scope='module')
+def wild(tmp_path_factory):
+    from multitask_abn.synth import make_synth_celeba
+    return make_synth_celeba(tmp_path_factory.mktemp('wild')/'wild', n=40, seed=1, layout='wild', progress=False)
+
+
+def test_switching_an_attribute_off_changes_only_its_own_parts(wild):
+    "A counterfactual pair differs only on the attribute's parts (either image's; 2 px of anti-aliasing) for attributes drawn on"
+    " their own parts (>= 98 %), and mostly there for the rest (hair colours also recolour the brows, Male changes hair and jaw, ...)."
+    from multitask_abn.explain import dilate
+    from multitask_abn.synth import ATTRIBUTE_PARTS, PART_IDS
+    pairs, labels = Counterfactuals(wild, get_transform('eval', 64)), CelebADataset(wild, 'all').celeba.attributes
+    inside, checked = {}, 0
+    for number in range(1, 41):
+        name = f'{number:06d}.jpg'
+        for attribute in [a for a in CELEBA_ATTRIBUTES if ATTRIBUTE_PARTS[a] and labels.loc[name, a]]:
+            pair = pairs.pair(name, attribute)
+            if pair is None: continue
+            ids = [PART_IDS[p] for p in ATTRIBUTE_PARTS[attribute]]
+            own = np.isin(pairs.draw(number, camera=False)[1], ids) | np.isin(pairs.draw(number, attribute, camera=False)[1], ids)
+            inside.setdefault(attribute, []).append((pair[1] & dilate(own, 2)).sum() / pair[1].sum())
+            checked += attribute in LOCAL_ATTRIBUTES
+    assert checked >= 20
+    for attribute, shares in inside.items():
+        assert min(shares) >= (0.98 if attribute in LOCAL_ATTRIBUTES else 0.3), (attribute, min(shares))   # 0.98: eyeliner arcs
+    assert np.mean([np.mean(s) for s in inside.values()]) > 0.85
+    assert pairs.pair('000001.jpg', 'No_Beard') is None                       # drawn only through the beards
+
+
+def test_the_prior_points_far_worse_on_wild_faces(synth, wild):
+    "On aligned faces the train-split prior points at nearly every localised region; on wild ones it must not (<= 40 %)."
+    def prior_pointing(root):
+        test = CelebADataset(root, 'all', get_transform('eval', 64))
+        model = create_model('abn_v1_resnet10')
+        records = explanation_records(model, test, 'prior', n=40, deletion_images=0, prior=attribute_prior(root, size=(64, 64)))
+        summary = summarize_explanations(records).set_index('attribute')
+        return summary.loc['mean_localised', 'pointing_game']
+    aligned, moved = prior_pointing(synth), prior_pointing(wild)
+    assert aligned > 0.9 and moved <= 0.4, (aligned, moved)
