@@ -530,7 +530,7 @@ class AttributeRegions:
         return {a: m for a, m in masks.items() if m.any()}
 
 
-# %% ../nbs/05_explain.ipynb #cdd5a2e9
+# %% ../nbs/05_explain.ipynb #c07ff9dc
 BASELINE_METHODS = ('prior', 'centre', 'uniform')   # maps that ignore the image: what an explanation has to beat
 EXPLANATION_METHODS = (*SALIENCY_METHODS, *BASELINE_METHODS)
 CACHE_DIR = '.mtabn_cache'                           # inside the data folder: what is fitted once per dataset
@@ -588,7 +588,7 @@ def baseline_saliency(method: str, attributes: list[int], size: tuple[int, int],
     raise MtabnError(f"unknown baseline {method!r}: choose one of {', '.join(BASELINE_METHODS)}")
 
 
-# %% ../nbs/05_explain.ipynb #44b41c2e
+# %% ../nbs/05_explain.ipynb #5d77ea0b
 CHANGE_THRESHOLD = 30        # summed |RGB difference| above which a pixel counts as changed (as synth.evidence_table)
 NO_COUNTERFACTUAL = ('No_Beard',)   # drawn only through the four beards: switching it alone changes no pixel
 
@@ -632,7 +632,7 @@ def attention_response(saliency, counterfactual_saliency, region) -> float:
     return float(change[np.asarray(region, bool)].sum() / total) if total > 0 else float('nan')
 
 
-# %% ../nbs/05_explain.ipynb #573b4648
+# %% ../nbs/05_explain.ipynb #48e2a5b9
 def _attribute_probability(model, t: int):
     def probability(batch):
         return attribute_probabilities(eval_output(model, batch).perception)[:, t]
@@ -720,7 +720,7 @@ EXPLANATION_METRICS = ['pointing_game', 'pointing_ceiling', 'energy_share', 'reg
 RECORD_COLUMNS = ['method', 'image', 'attribute', 'label', 'probability', *EXPLANATION_METRICS]
 
 
-# %% ../nbs/05_explain.ipynb #0b0488c4
+# %% ../nbs/05_explain.ipynb #479b0ace
 LOCALISED_FRACTION = 0.1   # an attribute is 'localised' if its region covers less than 10 % of the image on average
 MEAN_ROWS = ('mean', 'mean_localised')
 INTERVAL_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'cf_pointing_game', 'cf_energy_share',
@@ -798,7 +798,7 @@ def summarize_explanations(records: pd.DataFrame, samples: int = 1000, seed: int
     return summary.reset_index().reindex(columns=columns)
 
 
-# %% ../nbs/05_explain.ipynb #901903a7
+# %% ../nbs/05_explain.ipynb #1a39e1b1
 TABLE_METRICS = ('pointing_game', 'energy_share', 'cf_pointing_game', 'attention_response', 'probability_change',
                  'deletion_auc', 'insertion_auc')
 
@@ -812,7 +812,7 @@ def explanation_table(summary: pd.DataFrame, attribute: str = 'mean_localised', 
     bootstrap interval, and for the `MARGIN_METRICS` the margin over the prior (`vs prior`); empty where it does not apply."""
     rows = summary[summary.attribute == attribute].set_index('method')
     table = pd.DataFrame(index=rows.index)
-    table['images'] = rows.images
+    table['records'] = rows.images            # (image, attribute) pairs behind the row's mean
     for metric in metrics:
         if rows[metric].isna().all(): continue
         table[metric] = [_with_interval(r[metric], r.get(f'{metric}_lo'), r.get(f'{metric}_hi')) for _, r in rows.iterrows()]
