@@ -68,7 +68,7 @@ def mtabn_synth(
 @command
 def mtabn_verify(
     root: str,  # CelebA-layout folder (real CelebA or SynthCelebA), or its parent
-    check_images: bool = False,  # also decode every image (slow on real CelebA)
+    check_images: bool = False,  # also decode every image (slow on real CelebA; without it: size and JPEG markers)
 ):
     "Check a CelebA-layout folder and print a summary; one line naming the problem and exit 2 if it is broken."
     from multitask_abn.data import verify
