@@ -553,10 +553,13 @@ def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int
 def format_results(df, summary: dict) -> str:
     "The per-attribute table and the headline numbers of an evaluation, as text."
     accuracies = df[df.branch == 'perception'].accuracy
-    attention = summary['attention_mean_accuracy']
+    attention, balanced = summary['attention_mean_accuracy'], summary['mean_balanced_accuracy']
+    undefined = summary['undefined_balanced_accuracy']
     return (attribute_table(df).round(3).to_string() + f"\n\n{summary['split']} ({summary['num_images']} images): "
             f"mean accuracy {summary['mean_accuracy']:.4f} (majority baseline {summary['majority_baseline_mean_accuracy']:.4f}), "
-            f"mean balanced accuracy {summary['mean_balanced_accuracy']:.4f}, {(accuracies >= 0.9).sum()} attributes >= 90 %"
+            f"mean balanced accuracy {'undefined' if balanced is None else f'{balanced:.4f}'}"
+            + (f" (without {undefined} attributes of one class only in this split)" if undefined else '')
+            + f", {(accuracies >= 0.9).sum()} attributes >= 90 %"
             + ('' if attention is None else f"; attention branch {attention:.4f}"))
 
 # %% ../nbs/04_train.ipynb #eaab28e9
