@@ -38,6 +38,8 @@ explain-gradcam: install
 	$(BIN)/mtabn_train --recipe explain --model resnet10 --data $(EXPLAIN_DATA) --out $(EXPLAIN_RUN)_baseline --overwrite --quiet
 	$(BIN)/mtabn_explain $(EXPLAIN_RUN) --baseline $(EXPLAIN_RUN)_baseline --metrics-images 256
 
+# Every notebook runs twice: in-process by nbdev_test, and in a real Jupyter kernel as JupyterLab's "Run All" runs
+# it (tests/test_notebooks.py, `#| eval: false` cells included); `#| slow` cells only under test-slow.
 test: install
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q -n 2 -m "not slow" tests
