@@ -28,6 +28,7 @@ from PIL import Image
 
 import multitask_abn
 from .data import CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, MtabnError
+from .models import atomic_write
 
 # %% auto #0
 __all__ = ['PER_ATTRIBUTE_COLUMNS', 'ATTRIBUTE_METRICS', 'SYNTH_MARKERS', 'CELEBA_TEST_IMAGES', 'METRIC_LABELS', 'CURVE_PANELS',
@@ -687,15 +688,15 @@ class _Report:
                 data, suffix, caption = content
                 number += 1
                 name = f"figure_{number:02d}{suffix}"
-                (figures / name).write_bytes(data)
+                atomic_write(figures / name, data)
                 mime = 'image/png' if suffix == '.png' else 'image/jpeg'
                 md.append(f"![{caption}](figures/{name})\n\n*{caption}*")
                 body.append(f'<figure><img alt="{html.escape(caption)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
                             f"<figcaption>{_html_text(caption)}</figcaption></figure>")
-        (out_dir / 'report.md').write_text('\n\n'.join(md) + '\n')
+        atomic_write(out_dir / 'report.md', '\n\n'.join(md) + '\n')
         page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{REPORT_CSS}</style></head><body>\n" + '\n'.join(body) + "\n</body></html>\n")
-        (out_dir / 'report.html').write_text(page)
+        atomic_write(out_dir / 'report.html', page)
         return out_dir / 'report.html'
 
 # %% ../nbs/06_analysis.ipynb #2cc165ea

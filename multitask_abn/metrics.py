@@ -15,7 +15,7 @@ from .models import atomic_write, attribute_logits
 
 # %% auto #0
 __all__ = ['BRANCHES', 'METRIC_COLUMNS', 'MEAN_METRICS', 'stat_scores_frame', 'AttributeMetrics', 'summarize', 'attribute_table',
-           'write_text_atomic', 'write_results']
+           'write_results']
 
 # %% ../nbs/03b_metrics.ipynb #b22129fa
 BRANCHES = ('perception', 'attention')
@@ -92,10 +92,6 @@ def attribute_table(df: pd.DataFrame) -> pd.DataFrame:
     return wide.loc[list(per.index)]
 
 # %% ../nbs/03b_metrics.ipynb #b7ad5408
-def write_text_atomic(path, text: str):
-    "Write `text` to `path` through a temporary file and a rename: readers never see half a file."
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
 def _nan_to_null(value):
     "`value` with every float NaN (an undefined metric) replaced by None: JSON has no NaN, `null` reads everywhere."
     if isinstance(value, dict): return {k: _nan_to_null(v) for k, v in value.items()}
@@ -111,6 +107,6 @@ def write_results(df: pd.DataFrame, out_dir, **info) -> dict:
         values = {f'{prefix}{k}': v for k, v in row.items() if k not in ('attribute', 'branch', 'num_images')}
         per_attribute.setdefault(row['attribute'], {}).update(values)
     summary = _nan_to_null({**info, **summarize(df), 'per_attribute': per_attribute})
-    write_text_atomic(out_dir / 'per_attribute.csv', df.to_csv(index=False))
-    write_text_atomic(out_dir / 'summary.json', json.dumps(summary, indent=1))
+    atomic_write(out_dir / 'per_attribute.csv', df.to_csv(index=False))
+    atomic_write(out_dir / 'summary.json', json.dumps(summary, indent=1))
     return summary

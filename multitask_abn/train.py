@@ -18,17 +18,17 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, pos_weight, positive_frequency)
-from .models import (checkpoint_file, create_model, inference_settings, list_models, load_model,
-                                  save_model, saved_config)
+from .models import (atomic_write, checkpoint_file, create_model, inference_settings, list_models,
+                                  load_checkpoint, load_model, save_model, saved_config)
 from .losses import LOSS_NAMES, make_loss
-from .metrics import AttributeMetrics, attribute_table, summarize, write_results, write_text_atomic
+from .metrics import AttributeMetrics, attribute_table, summarize, write_results
 
 # %% auto #0
 __all__ = ['RECIPES', 'PRECISIONS', 'CONFIG_CHECKS', 'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES', 'TrainConfig',
            'check_config', 'config_from_dict', 'make_config', 'load_config', 'Processes', 'join_processes',
            'resolve_device', 'autocast', 'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset',
-           'train_positive_frequency', 'evaluate', 'load_checkpoint', 'rng_states', 'set_rng_states', 'seed_everything',
-           'build_model', 'Learner', 'NonFiniteLoss', 'train', 'evaluate_run', 'format_results', 'run_demo']
+           'train_positive_frequency', 'evaluate', 'rng_states', 'set_rng_states', 'seed_everything', 'build_model',
+           'Learner', 'NonFiniteLoss', 'train', 'evaluate_run', 'format_results', 'run_demo']
 
 # %% ../nbs/04_train.ipynb #e7f43637
 @dataclass
@@ -260,13 +260,6 @@ def evaluate(model, dataset, batch_size: int = 64, workers: int = 0, device='cpu
     return metrics.compute(), None if loss is None else (loss[0] / loss[1]).item()
 
 # %% ../nbs/04_train.ipynb #26bab3fe
-def load_checkpoint(path) -> dict:
-    "A training checkpoint, loaded with `weights_only=True`; `MtabnError` if missing or unreadable."
-    path = Path(path)
-    if not path.is_file(): raise MtabnError(f"checkpoint not found: {path}")
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise MtabnError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
-
 def rng_states() -> dict:
     "The states of every random generator training may touch."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -439,7 +432,7 @@ def _end_epoch(self: Learner, writer):
 @patch
 def _report_epoch(self: Learner, record: dict, df, writer, improved: bool):
     if self.run_dir is not None:
-        write_text_atomic(self.run_dir / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in self.history))
+        atomic_write(self.run_dir / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in self.history))
         if improved: self.save_model('best.pt', valid_mean_accuracy=record['valid_mean_accuracy'])
     if writer is not None:
         for k, v in record.items():
@@ -514,7 +507,7 @@ def train(config: TrainConfig | str | None, out, resume: bool = False, overwrite
         if procs.main:
             if overwrite and out.is_dir(): shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / 'config.json', config.to_json())
+            atomic_write(out / 'config.json', config.to_json())
         procs.barrier()
         learner.fit()
         return out

@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 from multitask_abn.cli import mtabn_eval, mtabn_train
 from multitask_abn.data import CelebADataset, MtabnError
-from multitask_abn.models import create_model, save_model, save_seed_checkpoint
+from multitask_abn.models import create_model, load_checkpoint, save_model, save_seed_checkpoint
 from multitask_abn.synth import make_synth_celeba
-from multitask_abn.train import (Learner, NonFiniteLoss, evaluate, evaluate_run, load_checkpoint, load_config, make_config,
-                                  train)
+from multitask_abn.train import Learner, NonFiniteLoss, evaluate, evaluate_run, load_config, make_config, train
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, batch_size=8, epochs=2, eval_batch_size=32, progress=False)
