@@ -91,7 +91,7 @@ def mtabn_train(
     device: str = None,  # auto, cpu, cuda or cuda:N
     workers: int = None,  # DataLoader worker processes
     checkpoint_every: int = None,  # also checkpoint every N optimiser steps
-    resume: bool = False,  # continue the run in --out from its last checkpoint
+    resume: bool = False,  # continue the run in --out from its last checkpoint (or start it, when it has none yet)
     overwrite: bool = False,  # replace an earlier run in --out
     quiet: bool = False,  # no progress bars
 ):

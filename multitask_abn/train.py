@@ -468,24 +468,35 @@ def fit(self: Learner):
 def _check_run_dir(out: Path, resume: bool, overwrite: bool):
     "Raise unless `out` may be used as asked (read-only: every process runs it)."
     if resume and overwrite: raise MtabnError("--resume and --overwrite contradict each other: pick one")
-    if resume:
-        if not (out / 'checkpoints' / 'latest.pt').is_file():
-            raise MtabnError(f"nothing to resume in {out}: no checkpoints/latest.pt (start it without --resume)")
-        return
     if out.exists() and not out.is_dir(): raise MtabnError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite: raise MtabnError(f"{out} already holds files: pass --resume to continue that run or --overwrite to replace it")
+        if not (resume or overwrite):
+            raise MtabnError(f"{out} already holds files: pass --resume to continue that run or --overwrite to replace it")
         if not (out / 'config.json').is_file():
-            raise MtabnError(f"refusing to --overwrite {out}: it is not a run folder (no config.json); choose another --out")
+            raise MtabnError(f"refusing to --{'resume' if resume else 'overwrite'} {out}: it is not a run folder (no config.json); "
+                             f"choose another --out")
+
+def _resume_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `--resume` continues from, or None when the run has written none yet (no folder, or killed
+    before its first checkpoint): `--resume` then starts it, so a (re)queued job can always pass `--resume`."""
+    latest = out / 'checkpoints' / 'latest.pt'
+    if latest.is_file(): return latest
+    others = sorted((out / 'checkpoints').glob('*.pt'))
+    if others:
+        raise MtabnError(f"cannot resume {out}: it has checkpoints/{others[0].name} but no checkpoints/latest.pt to continue "
+                         f"from (train into a new --out, or --overwrite it)")
+    return None
 
 def _resolved_config(config, out: Path, resume: bool, overrides: dict) -> TrainConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
+    saved = load_config(out) if resume and (out / 'config.json').is_file() else None
     if config is None:
-        if not resume: raise MtabnError("no recipe given: pass --recipe NAME (one of " + ', '.join(RECIPES) + ") or --resume a run")
-        config = load_config(out)
+        if saved is None:
+            raise MtabnError(f"nothing to resume in {out} yet: pass --recipe NAME to start it" if resume else
+                             "no recipe given: pass --recipe NAME (one of " + ', '.join(RECIPES) + ") or --resume a run")
+        config = saved
     config = make_config(config, **given) if isinstance(config, str) else config_from_dict({**asdict(config), **given})
-    if resume:
-        saved = load_config(out)
+    if saved is not None:
         changed = [k for k in asdict(config) if k not in RESUMABLE_CHANGES and getattr(config, k) != getattr(saved, k)]
         if changed:
             k = changed[0]
@@ -495,17 +506,21 @@ def _resolved_config(config, out: Path, resume: bool, overrides: dict) -> TrainC
 
 def train(config: TrainConfig | str | None, out, resume: bool = False, overwrite: bool = False, **overrides) -> Path:
     """Train recipe name or `TrainConfig` `config` (+ `overrides`) into run folder `out`; `resume=True`
-    continues its last checkpoint (config None: the saved one). Works under torchrun (DDP)."""
+    continues its last checkpoint (config None: the saved one), or starts the run when it has none yet.
+    Works under torchrun (DDP)."""
     out = Path(out)
     procs = join_processes(overrides.get('device') or getattr(config, 'device', 'auto'))
     try:
         _check_run_dir(out, resume, overwrite)
+        checkpoint = _resume_checkpoint(out) if resume else None
         config = _resolved_config(config, out, resume, overrides)
         learner = Learner(config, out, procs)          # bad data or model options fail here, before any file is written
-        if resume: learner.load_state_dict(load_checkpoint(out / 'checkpoints' / 'latest.pt'))
+        if checkpoint is not None: learner.load_state_dict(load_checkpoint(checkpoint))
         procs.barrier()
         if procs.main:
-            if overwrite and out.is_dir(): shutil.rmtree(out)
+            # A run started afresh, over an old one or over one killed before its first checkpoint (same config,
+            # checked above), starts from an empty folder: nothing of the earlier attempt (TensorBoard events) stays.
+            if out.is_dir() and (overwrite or resume and checkpoint is None): shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(out / 'config.json', config.to_json())
         procs.barrier()

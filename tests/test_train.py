@@ -63,7 +63,7 @@ def user_error(capsys, fn, **kwargs) -> str:
     (dict(recipe='paper'), "unknown recipe 'paper'"),
     (dict(recipe=None), 'no recipe given'),
     (dict(data='MISSING'), 'CelebA folder not found'),
-    (dict(resume=True), 'nothing to resume'),
+    (dict(resume=True, recipe=None), 'nothing to resume'),   # with a recipe, --resume would start the run
 ])
 def test_train_user_errors(capsys, tmp_path, synth, overrides, message):
     args = dict(recipe='demo', data=str(synth), out=str(tmp_path / 'run'), image_size=32, quiet=True)
