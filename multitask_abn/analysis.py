@@ -430,14 +430,13 @@ def plot_training_curves(epochs, runs=None) -> Figure:
 
 # %% ../nbs/06_analysis.ipynb #cde3cfa0
 PUBLISHED_RESULTS = pd.DataFrame([
-    ('ABN fukui2019 ResNet-101 (Chainer release)', 90.87, 'mean of the per-attribute accuracies shipped with the Chainer repository'),
-    ('ResNet-101 baseline (ABN paper table)', 90.69, 'CVPR 2019 paper table, as recalled (to be checked)'),
-    ('ABN ResNet-101 (ABN paper table)', 91.07, 'CVPR 2019 paper table, as recalled (to be checked)'),
-    ('MOON', 90.94, 'Rudd et al. ECCV 2016'),
-    ('LNets+ANet', 87.30, 'Liu et al. ICCV 2015 (introduced CelebA)'),
-    ('MGDA-UB, ResNet-18, 64x64', 91.75, 'Sener & Koltun NeurIPS 2018'),
-    ('DMM-CNN', 91.70, 'Mao et al. 2020'),
-    ('APS (VGG-16)', 92.12, '2023'),
+    ('ABN fukui2019 ResNet-101 (Chainer release)', 90.87,
+     'Fukui et al., ABN for CelebA, Chainer release 2019 (github.com/machine-perception-robotics-group/ABN_CelebA_Chainer): '
+     'mean of the 40 accuracies in src/CelebA_Multi-task_Recognition_attention-sig_itr3/accuracy.txt'),
+    ('MOON', 90.94, 'Rudd, Günther & Boult, "MOON: A Mixed Objective Optimization Network for the Recognition of Facial Attributes", ECCV 2016'),
+    ('LNets+ANet', 87.30, 'Liu, Luo, Wang & Tang, "Deep Learning Face Attributes in the Wild", ICCV 2015 (introduced CelebA)'),
+    ('MGDA-UB, ResNet-18, 64x64', 91.75, 'Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018 (8.25 % error)'),
+    ('DMM-CNN', 91.70, 'Mao, Yan, Xue & Wang, "Deep Multi-task Multi-label CNN for Effective Facial Attribute Classification", arXiv:2002.03683, 2020'),
 ], columns=['system', 'mean_accuracy', 'source'])
 
 def real_celeba_test_results(runs: Runs, include_synthetic: bool = False) -> pd.DataFrame:
