@@ -245,7 +245,7 @@ def load_image(path) -> Image.Image:
     except FileNotFoundError:
         raise MtabnError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MtabnError(f"cannot decode image {path}: {e} (replace the file, or skip it with skip_bad_images=True)") from None
+        raise MtabnError(f"cannot decode image {path}: {e} (replace the file: `mtabn_verify --check-images` lists every bad image)") from None
 
 # %% ../nbs/00_data.ipynb #d501de35
 PRESET_NORMALIZATION = {'fukui2019': None, 'recommended': (CELEBA_MEAN, CELEBA_STD), 'eval': (CELEBA_MEAN, CELEBA_STD)}

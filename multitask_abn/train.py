@@ -24,11 +24,11 @@ from .losses import LOSS_NAMES, make_loss
 from .metrics import AttributeMetrics, attribute_table, summarize, write_results
 
 # %% auto #0
-__all__ = ['RECIPES', 'PRECISIONS', 'CONFIG_CHECKS', 'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES', 'TrainConfig',
-           'check_config', 'config_from_dict', 'make_config', 'load_config', 'Processes', 'join_processes',
-           'resolve_device', 'autocast', 'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset',
-           'train_positive_frequency', 'evaluate', 'rng_states', 'set_rng_states', 'seed_everything', 'build_model',
-           'Learner', 'NonFiniteLoss', 'train', 'evaluate_run', 'format_results', 'run_demo']
+__all__ = ['RECIPES', 'OWN_FLAGS', 'PRECISIONS', 'CONFIG_CHECKS', 'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES',
+           'TrainConfig', 'command_line_flag', 'check_config', 'config_from_dict', 'make_config', 'load_config',
+           'Processes', 'join_processes', 'resolve_device', 'autocast', 'EpochSampler', 'SeededSamples', 'labels_of',
+           'make_dataset', 'train_positive_frequency', 'evaluate', 'rng_states', 'set_rng_states', 'seed_everything',
+           'build_model', 'Learner', 'NonFiniteLoss', 'train', 'evaluate_run', 'format_results', 'run_demo']
 
 # %% ../nbs/04_train.ipynb #e7f43637
 @dataclass
@@ -85,7 +85,15 @@ RECIPES = {
 RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 161, 'epochs': 6, 'milestones': [4]}
 
 # %% ../nbs/04_train.ipynb #b6b9403e
-def _flag(name: str) -> str: return '--' + name.replace('_', '-')   # as the console scripts spell it (multitask_abn.cli)
+# The TrainConfig fields `mtabn_train` has a flag of its own for (07_cli checks it against the command); it sets
+# `progress` with --quiet and every other field with `--set NAME=VALUE`.
+OWN_FLAGS = ('recipe', 'model', 'data', 'epochs', 'batch_size', 'image_size', 'lr', 'seed', 'precision', 'pretrained',
+             'device', 'workers', 'checkpoint_every')
+
+def command_line_flag(name: str) -> str:
+    "How `mtabn_train` sets TrainConfig field `name`: `--batch-size`, `--quiet` or `--set NAME=VALUE` (error hints say so)."
+    if name == 'progress': return '--quiet'
+    return '--' + name.replace('_', '-') if name in OWN_FLAGS else f'--set {name}=VALUE'
 
 def _is_int(v, low: int) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= low
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
@@ -112,14 +120,16 @@ CONFIG_CHECKS = (
     ('loss', lambda v: v in LOSS_NAMES, f"one of {', '.join(LOSS_NAMES)}"),
     ('transform', lambda v: v in PRESET_NORMALIZATION, f"one of {', '.join(PRESET_NORMALIZATION)}"),
     ('model_options', lambda v: isinstance(v, dict), 'a dict of create_model overrides'),
+    # `--set NAME=VALUE` reads JSON, so a misspelt true/false would otherwise arrive as a (truthy) string.
+    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress')),
 )
 
 def check_config(config: TrainConfig) -> TrainConfig:
     "Raise `MtabnError` naming the first bad field (and its command-line flag); return the config."
     for name, ok, wanted in CONFIG_CHECKS:
         value = getattr(config, name)
-        if not ok(value): raise MtabnError(f"{name}={value!r} ({_flag(name)}): must be {wanted}")
-    if config.nesterov and config.momentum <= 0: raise MtabnError("nesterov needs momentum > 0 (--momentum)")
+        if not ok(value): raise MtabnError(f"{name}={value!r} ({command_line_flag(name)}): must be {wanted}")
+    if config.nesterov and config.momentum <= 0: raise MtabnError(f"nesterov needs momentum > 0 ({command_line_flag('momentum')})")
     return config
 
 # %% ../nbs/04_train.ipynb #4cd0f9d9
@@ -297,7 +307,7 @@ class Learner:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.device = resolve_device(config.device, procs.local_rank)
         if config.batch_size % procs.world:
-            raise MtabnError(f"batch_size={config.batch_size} ({_flag('batch_size')}) must be divisible by the {procs.world} processes")
+            raise MtabnError(f"batch_size={config.batch_size} ({command_line_flag('batch_size')}) must be divisible by the {procs.world} processes")
         seed_everything(config.seed)
         celeba = CelebA(config.data)
         self.train_ds = make_dataset(config, config.train_split, train=True, celeba=celeba)
@@ -317,7 +327,7 @@ class Learner:
         self.loader = DataLoader(SeededSamples(self.train_ds, config.seed), batch_size=config.batch_size // procs.world,
                                  sampler=self.sampler, num_workers=config.workers, drop_last=True)
         if len(self.loader) == 0:
-            raise MtabnError(f"split {config.train_split!r} has {len(self.train_ds)} images, fewer than batch_size={config.batch_size} ({_flag('batch_size')})")
+            raise MtabnError(f"split {config.train_split!r} has {len(self.train_ds)} images, fewer than batch_size={config.batch_size} ({command_line_flag('batch_size')})")
         self.epoch, self.batch_in_epoch, self.step, self.saved_step = 0, 0, 0, None
         self.epoch_sums = torch.zeros(3, dtype=torch.float64)   # loss, perception, attention summed over steps
         self.epoch_seconds, self.best_score, self.history = 0., None, []
