@@ -45,6 +45,8 @@ explain: install
 	done
 	$(BIN)/mtabn_report $(EXPLAIN_RUN) $(EXPLAIN_RUN)_baseline --out $(EXPLAIN_RUN)/report
 
+# Every notebook runs twice: in-process by nbdev_test, and in a real Jupyter kernel as JupyterLab's "Run All" runs
+# it (tests/test_notebooks.py, `#| eval: false` cells included); `#| slow` cells only under test-slow.
 test: install
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q -n 2 -m "not slow" tests

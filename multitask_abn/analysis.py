@@ -28,6 +28,7 @@ from PIL import Image
 
 import multitask_abn
 from .data import CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, MtabnError
+from .models import atomic_write
 
 # %% auto #0
 __all__ = ['PER_ATTRIBUTE_COLUMNS', 'ATTRIBUTE_METRICS', 'SYNTH_MARKERS', 'CELEBA_TEST_IMAGES', 'METRIC_LABELS', 'CURVE_PANELS',
@@ -429,14 +430,13 @@ def plot_training_curves(epochs, runs=None) -> Figure:
 
 # %% ../nbs/06_analysis.ipynb #cde3cfa0
 PUBLISHED_RESULTS = pd.DataFrame([
-    ('ABN fukui2019 ResNet-101 (Chainer release)', 90.87, 'mean of the per-attribute accuracies shipped with the Chainer repository'),
-    ('ResNet-101 baseline (ABN paper table)', 90.69, 'CVPR 2019 paper table, as recalled (to be checked)'),
-    ('ABN ResNet-101 (ABN paper table)', 91.07, 'CVPR 2019 paper table, as recalled (to be checked)'),
-    ('MOON', 90.94, 'Rudd et al. ECCV 2016'),
-    ('LNets+ANet', 87.30, 'Liu et al. ICCV 2015 (introduced CelebA)'),
-    ('MGDA-UB, ResNet-18, 64x64', 91.75, 'Sener & Koltun NeurIPS 2018'),
-    ('DMM-CNN', 91.70, 'Mao et al. 2020'),
-    ('APS (VGG-16)', 92.12, '2023'),
+    ('ABN fukui2019 ResNet-101 (Chainer release)', 90.87,
+     'Fukui et al., ABN for CelebA, Chainer release 2019 (github.com/machine-perception-robotics-group/ABN_CelebA_Chainer): '
+     'mean of the 40 accuracies in src/CelebA_Multi-task_Recognition_attention-sig_itr3/accuracy.txt'),
+    ('MOON', 90.94, 'Rudd, Günther & Boult, "MOON: A Mixed Objective Optimization Network for the Recognition of Facial Attributes", ECCV 2016'),
+    ('LNets+ANet', 87.30, 'Liu, Luo, Wang & Tang, "Deep Learning Face Attributes in the Wild", ICCV 2015 (introduced CelebA)'),
+    ('MGDA-UB, ResNet-18, 64x64', 91.75, 'Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018 (8.25 % error)'),
+    ('DMM-CNN', 91.70, 'Mao, Yan, Xue & Wang, "Deep Multi-task Multi-label CNN for Effective Facial Attribute Classification", arXiv:2002.03683, 2020'),
 ], columns=['system', 'mean_accuracy', 'source'])
 
 def real_celeba_test_results(runs: Runs, include_synthetic: bool = False) -> pd.DataFrame:
@@ -687,15 +687,15 @@ class _Report:
                 data, suffix, caption = content
                 number += 1
                 name = f"figure_{number:02d}{suffix}"
-                (figures / name).write_bytes(data)
+                atomic_write(figures / name, data)
                 mime = 'image/png' if suffix == '.png' else 'image/jpeg'
                 md.append(f"![{caption}](figures/{name})\n\n*{caption}*")
                 body.append(f'<figure><img alt="{html.escape(caption)}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
                             f"<figcaption>{_html_text(caption)}</figcaption></figure>")
-        (out_dir / 'report.md').write_text('\n\n'.join(md) + '\n')
+        atomic_write(out_dir / 'report.md', '\n\n'.join(md) + '\n')
         page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{REPORT_CSS}</style></head><body>\n" + '\n'.join(body) + "\n</body></html>\n")
-        (out_dir / 'report.html').write_text(page)
+        atomic_write(out_dir / 'report.html', page)
         return out_dir / 'report.html'
 
 # %% ../nbs/06_analysis.ipynb #2cc165ea

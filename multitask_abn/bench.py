@@ -236,5 +236,7 @@ def models_command(parser):
     parser.set_defaults(run=run_models_benchmark)
 
 # %% ../nbs/08_bench.ipynb #de31779e
-#| eval: false
-if __name__ == '__main__': main()
+# Only `python -m multitask_abn.bench` runs the command line. A Jupyter kernel runs this notebook as `__main__`
+# too (JupyterLab's "Run All" would parse the kernel's own arguments and exit), but gives it no `__file__`:
+# the test `cli.command` uses to tell a script from a notebook.
+if __name__ == '__main__' and '__file__' in globals(): main()

@@ -69,7 +69,7 @@ def mtabn_synth(
 @command
 def mtabn_verify(
     root: str,  # CelebA-layout folder (real CelebA or SynthCelebA), or its parent
-    check_images: bool = False,  # also decode every image (slow on real CelebA)
+    check_images: bool = False,  # also decode every image (slow on real CelebA; without it: size and JPEG markers)
 ):
     "Check a CelebA-layout folder and print a summary; one line naming the problem and exit 2 if it is broken."
     from multitask_abn.data import verify
@@ -92,18 +92,34 @@ def mtabn_train(
     device: str = None,  # auto, cpu, cuda or cuda:N
     workers: int = None,  # DataLoader worker processes
     checkpoint_every: int = None,  # also checkpoint every N optimiser steps
-    resume: bool = False,  # continue the run in --out from its last checkpoint
+    set: Param("any other training option as NAME=VALUE, repeatable, VALUE read as JSON if it parses (e.g. "
+               "milestones=[3,6], use_pos_weight=true): attention_init, augment, channels_last, eval_batch_size, "
+               "focal_alpha, focal_gamma, loss, lr_gamma, max_eval_images, max_train_images, milestones, model_options, "
+               "momentum, nesterov, perception_mode, train_split, transform, use_pos_weight, valid_split, weight_decay",
+               str, action='append') = None,
+    resume: bool = False,  # continue the run in --out from its last checkpoint (or start it, when it has none yet)
     overwrite: bool = False,  # replace an earlier run in --out
     quiet: bool = False,  # no progress bars
 ):
     "Train a recipe into a run folder (config.json, metrics.jsonl, TensorBoard events, checkpoints)."
-    from multitask_abn.train import train
+    from dataclasses import fields
+    from multitask_abn.analysis import parse_params
+    from multitask_abn.train import TrainConfig, command_line_flag, train
     with user_errors('mtabn_train'):
         if out is None: raise MtabnError("no run folder given: pass --out RUN_DIR")
+        settings = parse_params(set)
+        for name in settings:
+            if name not in {f.name for f in fields(TrainConfig)}:
+                raise MtabnError(f"--set {name}=...: no such training option (see mtabn_train --help)")
+            if not command_line_flag(name).startswith('--set'):
+                raise MtabnError(f"--set {name}=...: {name} has a flag of its own, {command_line_flag(name)}")
+            # train() reads None as "not given" (the recipe's value stays): say so rather than ignore it.
+            if settings[name] is None:
+                raise MtabnError(f"--set {name}=null: null keeps the recipe's value; a run without it needs a TrainConfig in Python")
         run = train(recipe, out, resume=resume, overwrite=overwrite, data=data, model=model, epochs=epochs,
                     batch_size=batch_size, image_size=image_size, lr=lr, seed=seed, precision=precision,
                     pretrained=pretrained, device=device, workers=workers, checkpoint_every=checkpoint_every,
-                    progress=False if quiet else None)
+                    progress=False if quiet else None, **settings)
         if os.environ.get('RANK', '0') == '0': print(f"run folder: {run}")   # once, not once per torchrun process
 
 @command

@@ -8,8 +8,8 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['CELEBA_ATTRIBUTES', 'NUM_ATTRIBUTES', 'CELEBA_MEAN', 'CELEBA_STD', 'CELEBA_TRAIN_FREQUENCIES', 'ATTRIBUTE_FILE',
            'PARTITION_FILE', 'LANDMARK_FILE', 'IMAGE_DIR', 'LANDMARK_COLUMNS', 'SPLITS', 'PRESET_NORMALIZATION',
-           'MtabnError', 'find_celeba_root', 'write_celeba_annotations', 'read_attributes', 'read_partition',
-           'read_landmarks', 'CelebA', 'load_image', 'get_transform', 'denormalize', 'CelebADataset',
+           'JPEG_START', 'JPEG_END', 'MtabnError', 'find_celeba_root', 'write_celeba_annotations', 'read_attributes',
+           'read_partition', 'read_landmarks', 'CelebA', 'load_image', 'get_transform', 'denormalize', 'CelebADataset',
            'positive_frequency', 'pos_weight', 'mean_std', 'find_bad_images', 'verify']
 
 # %% ../nbs/00_data.ipynb #11ad9386
@@ -40,7 +40,9 @@ class MtabnError(Exception):
     "A problem with the user's input: the message is one line naming the file/line/parameter and the fix."
 
 # %% ../nbs/00_data.ipynb #a4cf81b0
+import io
 import os
+import sys
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -93,10 +95,18 @@ def write_celeba_annotations(root, filenames, labels, partition, landmarks=None)
 def _bad_line(path, line: int, problem: str) -> MtabnError:
     return MtabnError(f"{path}, line {line}: {problem} (fix or re-extract the file)")
 
-def _read_table(path, skiprows: int, columns: int) -> pd.DataFrame:
-    "Whitespace-separated `filename v1 ... vN` rows; wrong field counts reported by line."
+def _read_text(path) -> str:
+    "The whole annotation file as text; bytes that are not text (a binary or damaged file) reported by line."
+    data = Path(path).read_bytes()
+    try: return data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise _bad_line(path, data.count(b'\n', 0, e.start) + 1,
+                        f"byte {data[e.start]:#04x} is not text: this is not a CelebA annotation file") from None
+
+def _read_table(path, text: str, skiprows: int, columns: int) -> pd.DataFrame:
+    "Whitespace-separated `filename v1 ... vN` rows of `path`'s `text`; wrong field counts reported by line."
     try:
-        table = pd.read_csv(path, sep=r'\s+', skiprows=skiprows, header=None, dtype={0: str},
+        table = pd.read_csv(io.StringIO(text), sep=r'\s+', skiprows=skiprows, header=None, dtype={0: str},
                             names=range(columns + 1), index_col=False)
     except pd.errors.ParserError as e:
         line = int(str(e).split('line ')[1].split(',')[0]) + skiprows if 'line ' in str(e) else '?'
@@ -116,9 +126,10 @@ def _to_int(table: pd.DataFrame, path, skiprows: int, allowed, what: str) -> np.
         raise _bad_line(path, skiprows + row + 1, f"{what} '{table.iat[row, col + 1]}' in column {col + 2} is not one of {list(allowed)}")
     return values.astype(np.int64)
 
-def _read_header(path, expected_names) -> int:
-    "Check CelebA's two header lines (count, column names); return the declared row count."
-    with open(path) as f: count_line, names_line = f.readline().strip(), f.readline().split()
+def _read_header(path, text: str, expected_names) -> int:
+    "Check CelebA's two header lines (count, column names) of `path`'s `text`; return the declared row count."
+    count_line, names_line, *_ = text.split('\n', 2) + ['', '']
+    count_line, names_line = count_line.strip(), names_line.split()
     if not count_line.isdigit():
         raise _bad_line(path, 1, f"expected the number of images, found {count_line[:40]!r}")
     if tuple(names_line) != tuple(expected_names):
@@ -136,23 +147,25 @@ def _check_rows(path, table: pd.DataFrame, declared: int | None, skiprows: int):
 
 def read_attributes(path) -> pd.DataFrame:
     "`list_attr_celeba.txt` -> DataFrame indexed by file name, 40 columns of 0/1 (int8), canonical order."
-    declared = _read_header(path, CELEBA_ATTRIBUTES)
-    table = _read_table(path, 2, NUM_ATTRIBUTES)
+    text = _read_text(path)
+    declared = _read_header(path, text, CELEBA_ATTRIBUTES)
+    table = _read_table(path, text, 2, NUM_ATTRIBUTES)
     _check_rows(path, table, declared, 2)
     values = _to_int(table, path, 2, (-1, 1), 'label')
     return pd.DataFrame((values > 0).astype(np.int8), index=pd.Index(table[0], name='image'), columns=list(CELEBA_ATTRIBUTES))
 
 def read_partition(path) -> pd.Series:
     "`list_eval_partition.txt` -> Series file name -> split id (0 train, 1 valid, 2 test)."
-    table = _read_table(path, 0, 1)
+    table = _read_table(path, _read_text(path), 0, 1)
     _check_rows(path, table, None, 0)
     values = _to_int(table, path, 0, (0, 1, 2), 'partition id')
     return pd.Series(values[:, 0].astype(np.int8), index=pd.Index(table[0], name='image'), name='partition')
 
 def read_landmarks(path) -> pd.DataFrame:
     "`list_landmarks_align_celeba.txt` -> DataFrame file name -> 10 landmark coordinates (x, y pairs)."
-    declared = _read_header(path, LANDMARK_COLUMNS)
-    table = _read_table(path, 2, len(LANDMARK_COLUMNS))
+    text = _read_text(path)
+    declared = _read_header(path, text, LANDMARK_COLUMNS)
+    table = _read_table(path, text, 2, len(LANDMARK_COLUMNS))
     _check_rows(path, table, declared, 2)
     values = table.iloc[:, 1:].apply(pd.to_numeric, errors='coerce')
     if values.isna().any().any():
@@ -232,7 +245,7 @@ def load_image(path) -> Image.Image:
     except FileNotFoundError:
         raise MtabnError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MtabnError(f"cannot decode image {path}: {e} (replace the file, or skip it with skip_bad_images=True)") from None
+        raise MtabnError(f"cannot decode image {path}: {e} (replace the file: `mtabn_verify --check-images` lists every bad image)") from None
 
 # %% ../nbs/00_data.ipynb #d501de35
 PRESET_NORMALIZATION = {'fukui2019': None, 'recommended': (CELEBA_MEAN, CELEBA_STD), 'eval': (CELEBA_MEAN, CELEBA_STD)}
@@ -325,17 +338,40 @@ def mean_std(dataset, batch_size: int = 64, num_workers: int = 0) -> tuple[tuple
     return tuple(mean.tolist()), tuple((total_sq / count - mean ** 2).sqrt().tolist())
 
 # %% ../nbs/00_data.ipynb #a28b640f
-def find_bad_images(celeba: CelebA, names=None) -> list[tuple[str, str]]:
-    "(file name, reason) for every image of `names` (default all) that cannot be decoded."
+JPEG_START, JPEG_END = b'\xff\xd8', b'\xff\xd9'
+
+def _cheap_image_problem(path) -> str | None:
+    "Why the file at `path` cannot be a whole image, from its size and (for .jpg) JPEG markers, without decoding it."
+    with open(path, 'rb') as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0: return 'empty file (0 bytes)'
+        if Path(path).suffix.lower() not in ('.jpg', '.jpeg'): return None
+        start = f.read(2)
+        f.seek(max(size - 64, 0))
+        end = f.read()
+    if start != JPEG_START: return f"not a JPEG file (starts with {start.hex(' ')}, not ff d8)"
+    # Some encoders pad a JPEG with zero bytes after its end marker; a truncated download lacks the marker.
+    if not end.rstrip(b'\0').endswith(JPEG_END): return 'truncated JPEG (no ff d9 end marker)'
+    return None
+
+def find_bad_images(celeba: CelebA, names=None, decode: bool = False) -> list[tuple[str, str]]:
+    "(file name, reason) for every image of `names` (default all) that is empty or not a whole JPEG, or with `decode`, does not decode."
     bad = []
-    for name in tqdm(list(celeba.attributes.index if names is None else names), desc='decoding images'):
+    # A progress bar on a terminal only: captured output (a test, a log) keeps one line per problem.
+    for name in tqdm(list(celeba.attributes.index if names is None else names), desc='decoding images' if decode else 'checking images',
+                     disable=None):
         try:
-            with Image.open(celeba.image_dir/name) as image: image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e: bad.append((name, str(e)))
+            problem = _cheap_image_problem(celeba.image_dir/name)
+            if problem is None and decode:
+                with Image.open(celeba.image_dir/name) as image: image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e: problem = str(e)
+        if problem: bad.append((name, problem))
     return bad
 
 def verify(root, check_images: bool = False, show: bool = True) -> pd.DataFrame:
-    "Validate a CelebA-layout folder and return per-split counts and positive rates; `MtabnError` on the first problem."
+    """Validate a CelebA-layout folder and return per-split counts and positive rates; `MtabnError` on the first problem.
+    Every listed image is checked cheaply (size, JPEG markers) and, with `check_images`, decoded; with `show`, each bad
+    image is printed to stderr on a line of its own before the error."""
     celeba = CelebA(root)
     missing = celeba.missing_images()
     if missing:
@@ -343,15 +379,17 @@ def verify(root, check_images: bool = False, show: bool = True) -> pd.DataFrame:
                          f"are missing from {celeba.image_dir} (re-extract {IMAGE_DIR})")
     has_landmarks = (celeba.root/LANDMARK_FILE).is_file()
     if has_landmarks: celeba.landmarks
-    if check_images:
-        bad = find_bad_images(celeba)
-        if bad:
-            raise MtabnError(f"{celeba.image_dir/bad[0][0]} cannot be decoded ({bad[0][1]}); {len(bad)} bad images in all "
-                             f"(replace them, or train with skip_bad_images=True)")
+    bad = find_bad_images(celeba, decode=check_images)
+    if bad:
+        fix = f"replace it with the original from {IMAGE_DIR}.zip"
+        if show:
+            for name, problem in bad: print(f"{celeba.image_dir/name}: {problem}: {fix}", file=sys.stderr)
+        raise MtabnError(f"{celeba.image_dir/bad[0][0]}: {bad[0][1]}; {len(bad)} of {len(celeba.attributes)} listed images "
+                         f"are bad{' (each named above)' if show else ''}: {fix.replace('it with the original', 'them with the originals')}")
     summary = pd.DataFrame({split: celeba.attributes.loc[celeba.split_index(split)].mean() for split in ('train', 'valid', 'test')}).T
     summary.insert(0, 'images', [len(celeba.split_index(s)) for s in summary.index])
     if show:
-        print(f"{celeba.root}: {len(celeba.attributes)} images, all present"
+        print(f"{celeba.root}: {len(celeba.attributes)} images, all present and whole"
               f"{', all decode' if check_images else ''}; landmarks {'ok' if has_landmarks else 'absent'}")
         print(summary[['images']].T.to_string())
         print('positive rate per split:')

@@ -15,7 +15,7 @@ from .models import atomic_write, attribute_logits
 
 # %% auto #0
 __all__ = ['BRANCHES', 'METRIC_COLUMNS', 'MEAN_METRICS', 'stat_scores_frame', 'AttributeMetrics', 'summarize', 'attribute_table',
-           'write_text_atomic', 'write_results']
+           'write_results']
 
 # %% ../nbs/03b_metrics.ipynb #b22129fa
 BRANCHES = ('perception', 'attention')
@@ -32,11 +32,11 @@ def stat_scores_frame(stats: Tensor, attributes, train_positive_frequency=None) 
     n = tp + fp + tn + fn
     recall, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     precision = _ratio(tp, tp + fp)
-    present = (tp + fn > 0).double() + (tn + fp > 0).double()
+    both_classes = (tp + fn > 0) & (tn + fp > 0)
     train_freq = support / n if train_positive_frequency is None else torch.as_tensor(train_positive_frequency).double()
     majority_positive = train_freq >= 0.5
     return pd.DataFrame(dict(
-        attribute=list(attributes), accuracy=_ratio(tp + tn, n), balanced_accuracy=_ratio(recall + specificity, present),
+        attribute=list(attributes), accuracy=_ratio(tp + tn, n), balanced_accuracy=torch.where(both_classes, (recall + specificity) / 2, torch.nan),
         precision=precision, recall=recall, f1=_ratio(2 * precision * recall, precision + recall),
         support=support.long(), num_images=n.long(), positive_frequency=_ratio(support, n),
         majority_baseline_accuracy=_ratio(torch.where(majority_positive, support, n - support), n)))
@@ -70,10 +70,12 @@ class AttributeMetrics(nn.Module):
 MEAN_METRICS = ('accuracy', 'balanced_accuracy', 'precision', 'recall', 'f1')
 
 def summarize(df: pd.DataFrame) -> dict:
-    "Means over attributes: `mean_accuracy` ..., `majority_baseline_mean_accuracy`, `attention_mean_*`, `num_images`."
+    """Means over attributes: `mean_accuracy` ..., `majority_baseline_mean_accuracy`, `attention_mean_*`, `num_images`,
+    and `undefined_balanced_accuracy`, the number of attributes (one class only) the balanced-accuracy means leave out."""
     per = df[df.branch == 'perception']
     att = df[df.branch == 'attention']
     summary = {f'mean_{m}': float(per[m].mean()) for m in MEAN_METRICS}
+    summary['undefined_balanced_accuracy'] = int(per.balanced_accuracy.isna().sum())
     summary['majority_baseline_mean_accuracy'] = float(per.majority_baseline_accuracy.mean())
     summary.update({f'attention_mean_{m}': float(att[m].mean()) if len(att) else None for m in MEAN_METRICS})
     summary['num_images'] = int(per.num_images.max())
@@ -90,9 +92,10 @@ def attribute_table(df: pd.DataFrame) -> pd.DataFrame:
     return wide.loc[list(per.index)]
 
 # %% ../nbs/03b_metrics.ipynb #b7ad5408
-def write_text_atomic(path, text: str):
-    "Write `text` to `path` through a temporary file and a rename: readers never see half a file."
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def _nan_to_null(value):
+    "`value` with every float NaN (an undefined metric) replaced by None: JSON has no NaN, `null` reads everywhere."
+    if isinstance(value, dict): return {k: _nan_to_null(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value != value else value
 
 def write_results(df: pd.DataFrame, out_dir, **info) -> dict:
     "Write `per_attribute.csv` and `summary.json` (info + `summarize(df)` + per_attribute) to `out_dir`; return the summary."
@@ -103,7 +106,7 @@ def write_results(df: pd.DataFrame, out_dir, **info) -> dict:
         prefix = '' if row['branch'] == 'perception' else f"{row['branch']}_"
         values = {f'{prefix}{k}': v for k, v in row.items() if k not in ('attribute', 'branch', 'num_images')}
         per_attribute.setdefault(row['attribute'], {}).update(values)
-    summary = {**info, **summarize(df), 'per_attribute': per_attribute}
-    write_text_atomic(out_dir / 'per_attribute.csv', df.to_csv(index=False))
-    write_text_atomic(out_dir / 'summary.json', json.dumps(summary, indent=1))
+    summary = _nan_to_null({**info, **summarize(df), 'per_attribute': per_attribute})
+    atomic_write(out_dir / 'per_attribute.csv', df.to_csv(index=False))
+    atomic_write(out_dir / 'summary.json', json.dumps(summary, indent=1))
     return summary

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #a4c3bd71
 from __future__ import annotations
-import contextlib, copy, json, os, pickle, re, tempfile
+import contextlib, copy, json, os, pickle, re, secrets
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -22,10 +22,11 @@ __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTI
            'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE',
            'SEED_PRESET_KEY', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
            'AttributeBatchNorm2d', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model',
-           'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file',
-           'load_model', 'saved_config', 'inference_settings', 'from_seed_names', 'to_seed_names', 'infer_seed_model',
-           'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint', 'fake_seed_state_dict',
-           'execution_differences', 'fold_batchnorm', 'compile_for_inference', 'optimize_for_inference']
+           'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write', 'save_model',
+           'checkpoint_file', 'load_model', 'saved_config', 'inference_settings', 'from_seed_names', 'to_seed_names',
+           'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
+           'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
+           'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -356,8 +357,9 @@ def create_model(name: str, num_attributes: int = NUM_ATTRIBUTES, pretrained=Non
     return model
 
 # %% ../nbs/02_models.ipynb #5a21346c
-def _torch_load(path, what: str):
-    "`torch.load(weights_only=True)` with one-line errors for a missing, corrupt or pickle-carrying file."
+def load_checkpoint(path, what: str = 'checkpoint'):
+    """The one reader of checkpoints and weight files: `torch.load(weights_only=True)` on the CPU, with one-line
+    errors for a missing, corrupt or pickle-carrying file (`what` names the file in them)."""
     path = Path(path)
     if not path.is_file(): raise MtabnError(f"{what} not found: {path}")
     try: return torch.load(path, map_location='cpu', weights_only=True)
@@ -385,7 +387,7 @@ def load_imagenet_weights(model: nn.Module, name: str, pretrained='imagenet'):
             raise MtabnError(f"ImageNet weights {path.name} are not in the torch hub cache: download {url} "
                              f"and put it in {path.parent} (or pass pretrained=PATH)")
     else: path = pretrained
-    state = _torch_load(path, 'ImageNet weights file')
+    state = load_checkpoint(path, 'ImageNet weights file')
     state = {k: v for k, v in state.items() if not k.startswith('fc.')}
     own = model.state_dict()
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
@@ -399,18 +401,30 @@ def load_imagenet_weights(model: nn.Module, name: str, pretrained='imagenet'):
     model.load_state_dict(state, strict=False)
 
 # %% ../nbs/02_models.ipynb #8509d772
-def atomic_write(path, write) -> Path:
-    """Create `path` with `write(temporary_path)` then a rename: readers and crashes never leave half a file,
-    concurrent writers never share a temporary file."""
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def atomic_write(path, content) -> Path:
+    """The one writer of run files: create `path` from `content` (text, bytes, or a function that writes the
+    temporary path it is given) through a temporary file in the same folder, fsync and a rename. Readers never
+    see half a file, a crash or a power cut leaves the old file or the new one, concurrent writers never share
+    a temporary file, and the file gets the umask's permissions like any other."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
+    tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+    # O_EXCL: never another writer's file; mode 0o666 less the umask (mkstemp would make it 0o600, owner only).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(tmp)
+        if isinstance(content, str): tmp.write_text(content)
+        elif isinstance(content, bytes): tmp.write_bytes(content)
+        else: content(tmp)
+        _fsync(tmp)                 # the data reaches the disk before the rename makes it the file
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if tmp.exists(): tmp.unlink()
+    _fsync(path.parent)             # and the rename itself survives a power cut
     return path
 
 def _atomic_save(obj, path): atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -448,7 +462,7 @@ def load_model(path, map_location='cpu', **execution) -> nn.Module:
     """Load our checkpoint, a run folder (RUN/checkpoints/best.pt) or a reference checkpoint; returns the
     model in eval mode. `execution`: execution options (e.g. `perception='loop'`)."""
     path = checkpoint_file(path)
-    checkpoint = _torch_load(path, 'checkpoint')
+    checkpoint = load_checkpoint(path)
     if isinstance(checkpoint, dict) and 'model_spec' in checkpoint:
         spec = {**checkpoint['model_spec'], **execution}
         model = create_model(**spec)
@@ -538,7 +552,7 @@ def load_seed_checkpoint(path, name: str | None = None, residual_attention: bool
     """Load a reference checkpoint (keys `module.*`) into the matching registry model, in eval mode.
     `name` forces the architecture (a mismatch is reported); `residual_attention` overrides `args.json`."""
     path = Path(path)
-    checkpoint = _torch_load(path, 'reference checkpoint')
+    checkpoint = load_checkpoint(path, 'reference checkpoint')
     state = checkpoint.get('model_state_dict', checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MtabnError(f"{path}: expected a dict with 'model_state_dict' (a reference checkpoint) or a state_dict")
@@ -569,7 +583,7 @@ def save_seed_checkpoint(model: nn.Module, path, epoch: int = 0, iteration: int 
                   'optimizer_state_dict': optimizer_state_dict, 'scheduler_state_dict': scheduler_state_dict}, path)
     args = {**_read_seed_args(path), 'model': seed_model_name(model),
             'residual_attention': model.preset.residual_attention, SEED_PRESET_KEY: _preset_spec(model.preset)}
-    (path.parent / SEED_ARGS_FILE).write_text(json.dumps(args, indent=4))
+    atomic_write(path.parent / SEED_ARGS_FILE, json.dumps(args, indent=4))
     return path
 
 # %% ../nbs/02_models.ipynb #85972ae5

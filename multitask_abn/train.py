@@ -18,16 +18,16 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, pos_weight, positive_frequency)
-from .models import (checkpoint_file, create_model, inference_settings, list_models, load_model,
-                                  save_model, saved_config)
+from .models import (atomic_write, checkpoint_file, create_model, inference_settings, list_models,
+                                  load_checkpoint, load_model, save_model, saved_config)
 from .losses import LOSS_NAMES, make_loss
-from .metrics import AttributeMetrics, attribute_table, summarize, write_results, write_text_atomic
+from .metrics import AttributeMetrics, attribute_table, summarize, write_results
 
 # %% auto #0
-__all__ = ['RECIPES', 'PRECISIONS', 'CONFIG_CHECKS', 'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES', 'TrainConfig',
-           'check_config', 'config_from_dict', 'make_config', 'load_config', 'Processes', 'join_processes',
-           'resolve_device', 'autocast', 'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset',
-           'train_positive_frequency', 'evaluate', 'load_checkpoint', 'rng_states', 'set_rng_states', 'seed_everything',
+__all__ = ['RECIPES', 'OWN_FLAGS', 'PRECISIONS', 'CONFIG_CHECKS', 'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES',
+           'TrainConfig', 'command_line_flag', 'check_config', 'config_from_dict', 'make_config', 'load_config',
+           'Processes', 'join_processes', 'resolve_device', 'autocast', 'EpochSampler', 'SeededSamples', 'labels_of',
+           'make_dataset', 'train_positive_frequency', 'evaluate', 'rng_states', 'set_rng_states', 'seed_everything',
            'build_model', 'Learner', 'NonFiniteLoss', 'train', 'evaluate_run', 'format_results', 'run_demo']
 
 # %% ../nbs/04_train.ipynb #e7f43637
@@ -85,7 +85,15 @@ RECIPES = {
 RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 161, 'epochs': 6, 'milestones': [4]}
 
 # %% ../nbs/04_train.ipynb #b6b9403e
-def _flag(name: str) -> str: return '--' + name.replace('_', '-')   # as the console scripts spell it (multitask_abn.cli)
+# The TrainConfig fields `mtabn_train` has a flag of its own for (07_cli checks it against the command); it sets
+# `progress` with --quiet and every other field with `--set NAME=VALUE`.
+OWN_FLAGS = ('recipe', 'model', 'data', 'epochs', 'batch_size', 'image_size', 'lr', 'seed', 'precision', 'pretrained',
+             'device', 'workers', 'checkpoint_every')
+
+def command_line_flag(name: str) -> str:
+    "How `mtabn_train` sets TrainConfig field `name`: `--batch-size`, `--quiet` or `--set NAME=VALUE` (error hints say so)."
+    if name == 'progress': return '--quiet'
+    return '--' + name.replace('_', '-') if name in OWN_FLAGS else f'--set {name}=VALUE'
 
 def _is_int(v, low: int) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= low
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
@@ -112,14 +120,16 @@ CONFIG_CHECKS = (
     ('loss', lambda v: v in LOSS_NAMES, f"one of {', '.join(LOSS_NAMES)}"),
     ('transform', lambda v: v in PRESET_NORMALIZATION, f"one of {', '.join(PRESET_NORMALIZATION)}"),
     ('model_options', lambda v: isinstance(v, dict), 'a dict of create_model overrides'),
+    # `--set NAME=VALUE` reads JSON, so a misspelt true/false would otherwise arrive as a (truthy) string.
+    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress')),
 )
 
 def check_config(config: TrainConfig) -> TrainConfig:
     "Raise `MtabnError` naming the first bad field (and its command-line flag); return the config."
     for name, ok, wanted in CONFIG_CHECKS:
         value = getattr(config, name)
-        if not ok(value): raise MtabnError(f"{name}={value!r} ({_flag(name)}): must be {wanted}")
-    if config.nesterov and config.momentum <= 0: raise MtabnError("nesterov needs momentum > 0 (--momentum)")
+        if not ok(value): raise MtabnError(f"{name}={value!r} ({command_line_flag(name)}): must be {wanted}")
+    if config.nesterov and config.momentum <= 0: raise MtabnError(f"nesterov needs momentum > 0 ({command_line_flag('momentum')})")
     return config
 
 # %% ../nbs/04_train.ipynb #4cd0f9d9
@@ -260,13 +270,6 @@ def evaluate(model, dataset, batch_size: int = 64, workers: int = 0, device='cpu
     return metrics.compute(), None if loss is None else (loss[0] / loss[1]).item()
 
 # %% ../nbs/04_train.ipynb #26bab3fe
-def load_checkpoint(path) -> dict:
-    "A training checkpoint, loaded with `weights_only=True`; `MtabnError` if missing or unreadable."
-    path = Path(path)
-    if not path.is_file(): raise MtabnError(f"checkpoint not found: {path}")
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise MtabnError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
-
 def rng_states() -> dict:
     "The states of every random generator training may touch."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -304,7 +307,7 @@ class Learner:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.device = resolve_device(config.device, procs.local_rank)
         if config.batch_size % procs.world:
-            raise MtabnError(f"batch_size={config.batch_size} ({_flag('batch_size')}) must be divisible by the {procs.world} processes")
+            raise MtabnError(f"batch_size={config.batch_size} ({command_line_flag('batch_size')}) must be divisible by the {procs.world} processes")
         seed_everything(config.seed)
         celeba = CelebA(config.data)
         self.train_ds = make_dataset(config, config.train_split, train=True, celeba=celeba)
@@ -324,7 +327,7 @@ class Learner:
         self.loader = DataLoader(SeededSamples(self.train_ds, config.seed), batch_size=config.batch_size // procs.world,
                                  sampler=self.sampler, num_workers=config.workers, drop_last=True)
         if len(self.loader) == 0:
-            raise MtabnError(f"split {config.train_split!r} has {len(self.train_ds)} images, fewer than batch_size={config.batch_size} ({_flag('batch_size')})")
+            raise MtabnError(f"split {config.train_split!r} has {len(self.train_ds)} images, fewer than batch_size={config.batch_size} ({command_line_flag('batch_size')})")
         self.epoch, self.batch_in_epoch, self.step, self.saved_step = 0, 0, 0, None
         self.epoch_sums = torch.zeros(3, dtype=torch.float64)   # loss, perception, attention summed over steps
         self.epoch_seconds, self.best_score, self.history = 0., None, []
@@ -439,7 +442,7 @@ def _end_epoch(self: Learner, writer):
 @patch
 def _report_epoch(self: Learner, record: dict, df, writer, improved: bool):
     if self.run_dir is not None:
-        write_text_atomic(self.run_dir / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in self.history))
+        atomic_write(self.run_dir / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in self.history))
         if improved: self.save_model('best.pt', valid_mean_accuracy=record['valid_mean_accuracy'])
     if writer is not None:
         for k, v in record.items():
@@ -475,24 +478,35 @@ def fit(self: Learner):
 def _check_run_dir(out: Path, resume: bool, overwrite: bool):
     "Raise unless `out` may be used as asked (read-only: every process runs it)."
     if resume and overwrite: raise MtabnError("--resume and --overwrite contradict each other: pick one")
-    if resume:
-        if not (out / 'checkpoints' / 'latest.pt').is_file():
-            raise MtabnError(f"nothing to resume in {out}: no checkpoints/latest.pt (start it without --resume)")
-        return
     if out.exists() and not out.is_dir(): raise MtabnError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite: raise MtabnError(f"{out} already holds files: pass --resume to continue that run or --overwrite to replace it")
+        if not (resume or overwrite):
+            raise MtabnError(f"{out} already holds files: pass --resume to continue that run or --overwrite to replace it")
         if not (out / 'config.json').is_file():
-            raise MtabnError(f"refusing to --overwrite {out}: it is not a run folder (no config.json); choose another --out")
+            raise MtabnError(f"refusing to --{'resume' if resume else 'overwrite'} {out}: it is not a run folder (no config.json); "
+                             f"choose another --out")
+
+def _resume_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `--resume` continues from, or None when the run has written none yet (no folder, or killed
+    before its first checkpoint): `--resume` then starts it, so a (re)queued job can always pass `--resume`."""
+    latest = out / 'checkpoints' / 'latest.pt'
+    if latest.is_file(): return latest
+    others = sorted((out / 'checkpoints').glob('*.pt'))
+    if others:
+        raise MtabnError(f"cannot resume {out}: it has checkpoints/{others[0].name} but no checkpoints/latest.pt to continue "
+                         f"from (train into a new --out, or --overwrite it)")
+    return None
 
 def _resolved_config(config, out: Path, resume: bool, overrides: dict) -> TrainConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
+    saved = load_config(out) if resume and (out / 'config.json').is_file() else None
     if config is None:
-        if not resume: raise MtabnError("no recipe given: pass --recipe NAME (one of " + ', '.join(RECIPES) + ") or --resume a run")
-        config = load_config(out)
+        if saved is None:
+            raise MtabnError(f"nothing to resume in {out} yet: pass --recipe NAME to start it" if resume else
+                             "no recipe given: pass --recipe NAME (one of " + ', '.join(RECIPES) + ") or --resume a run")
+        config = saved
     config = make_config(config, **given) if isinstance(config, str) else config_from_dict({**asdict(config), **given})
-    if resume:
-        saved = load_config(out)
+    if saved is not None:
         changed = [k for k in asdict(config) if k not in RESUMABLE_CHANGES and getattr(config, k) != getattr(saved, k)]
         if changed:
             k = changed[0]
@@ -502,19 +516,23 @@ def _resolved_config(config, out: Path, resume: bool, overrides: dict) -> TrainC
 
 def train(config: TrainConfig | str | None, out, resume: bool = False, overwrite: bool = False, **overrides) -> Path:
     """Train recipe name or `TrainConfig` `config` (+ `overrides`) into run folder `out`; `resume=True`
-    continues its last checkpoint (config None: the saved one). Works under torchrun (DDP)."""
+    continues its last checkpoint (config None: the saved one), or starts the run when it has none yet.
+    Works under torchrun (DDP)."""
     out = Path(out)
     procs = join_processes(overrides.get('device') or getattr(config, 'device', 'auto'))
     try:
         _check_run_dir(out, resume, overwrite)
+        checkpoint = _resume_checkpoint(out) if resume else None
         config = _resolved_config(config, out, resume, overrides)
         learner = Learner(config, out, procs)          # bad data or model options fail here, before any file is written
-        if resume: learner.load_state_dict(load_checkpoint(out / 'checkpoints' / 'latest.pt'))
+        if checkpoint is not None: learner.load_state_dict(load_checkpoint(checkpoint))
         procs.barrier()
         if procs.main:
-            if overwrite and out.is_dir(): shutil.rmtree(out)
+            # A run started afresh, over an old one or over one killed before its first checkpoint (same config,
+            # checked above), starts from an empty folder: nothing of the earlier attempt (TensorBoard events) stays.
+            if out.is_dir() and (overwrite or resume and checkpoint is None): shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / 'config.json', config.to_json())
+            atomic_write(out / 'config.json', config.to_json())
         procs.barrier()
         learner.fit()
         return out
@@ -553,10 +571,13 @@ def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int
 def format_results(df, summary: dict) -> str:
     "The per-attribute table and the headline numbers of an evaluation, as text."
     accuracies = df[df.branch == 'perception'].accuracy
-    attention = summary['attention_mean_accuracy']
+    attention, balanced = summary['attention_mean_accuracy'], summary['mean_balanced_accuracy']
+    undefined = summary['undefined_balanced_accuracy']
     return (attribute_table(df).round(3).to_string() + f"\n\n{summary['split']} ({summary['num_images']} images): "
             f"mean accuracy {summary['mean_accuracy']:.4f} (majority baseline {summary['majority_baseline_mean_accuracy']:.4f}), "
-            f"mean balanced accuracy {summary['mean_balanced_accuracy']:.4f}, {(accuracies >= 0.9).sum()} attributes >= 90 %"
+            f"mean balanced accuracy {'undefined' if balanced is None else f'{balanced:.4f}'}"
+            + (f" (without {undefined} attributes of one class only in this split)" if undefined else '')
+            + f", {(accuracies >= 0.9).sum()} attributes >= 90 %"
             + ('' if attention is None else f"; attention branch {attention:.4f}"))
 
 # %% ../nbs/04_train.ipynb #eaab28e9

@@ -1,5 +1,6 @@
 "End-to-end checks of multitask_abn.analysis: run loading, plots, papermill sweeps, the report and its console scripts."
 import json
+from html import escape
 from pathlib import Path
 
 import nbformat
@@ -177,7 +178,8 @@ def test_report_has_every_section(run_dirs, tmp_path):
                                    'explain/test/attention_examples/a.jpg')]
     assert order == sorted(order)
     # Numbers right-aligned, text left-aligned: the published table's accuracy cells, not its sources.
-    assert '<td class="number">90.87</td>' in html and '<td>Rudd et al. ECCV 2016</td>' in html
+    moon = escape(PUBLISHED_RESULTS.set_index('system').source['MOON'])
+    assert '<td class="number">90.87</td>' in html and f'<td>{moon}</td>' in html and 'ECCV 2016' in moon
     assert all(f'](figures/{f.name})' in md for f in figures)
     assert 'gone: no run folder here' in md
     for name in ('abn_a', 'abn_b', 'base', 'explained'): assert f'| {name} |' in md or f' {name} ' in md

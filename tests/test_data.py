@@ -35,6 +35,7 @@ def test_verify_prints_summary(console, celeba):
     (lambda r: (r/PARTITION_FILE).unlink(), 'list_eval_partition.txt not found'),
     (lambda r: (r/IMAGE_DIR/'000004.jpg').unlink(), '000004.jpg not found'),
     (lambda r: (r/ATTRIBUTE_FILE).write_text((r/ATTRIBUTE_FILE).read_text().replace(' 1 -1', ' 2 -1', 1)), "line 3: label '2'"),
+    (lambda r: (r/ATTRIBUTE_FILE).write_bytes(bytes(range(128, 256)) * 8), f"{ATTRIBUTE_FILE}, line 1: byte 0x80 is not text"),
 ])
 def test_verify_names_the_problem(console, celeba, break_it, message):
     break_it(celeba)
@@ -51,3 +52,14 @@ def test_dataset_through_workers_keeps_order_and_labels(celeba):
     assert torch.equal(labels.argmax(1), torch.arange(5))
     assert torch.equal(labels, torch.tensor(CelebA(celeba).attributes.iloc[:5].to_numpy(), dtype=torch.float32))
     assert list(CelebA(celeba).attributes.columns) == list(CELEBA_ATTRIBUTES)
+
+
+def test_verify_names_every_bad_image_without_decoding(console, celeba):
+    (celeba/IMAGE_DIR/'000002.jpg').write_bytes(b'')
+    (celeba/IMAGE_DIR/'000007.jpg').write_text('<html>quota exceeded</html>')
+    result = console('mtabn_verify', celeba)
+    assert result.returncode == 2
+    *named, error = result.stderr.strip().splitlines()
+    assert [line.split(':')[0] for line in named] == [str(celeba/IMAGE_DIR/'000002.jpg'), str(celeba/IMAGE_DIR/'000007.jpg')]
+    assert all(line.endswith(f'replace it with the original from {IMAGE_DIR}.zip') for line in named), named
+    assert error.startswith('mtabn_verify: error: ') and '2 of 9 listed images are bad' in error, error

@@ -110,9 +110,8 @@ def brute_force(decision_logits, targets, train_freq):
         fp = int(np.sum(pred[:, t] & ~y[:, t])); fn = int(np.sum(~pred[:, t] & y[:, t]))
         precision = tp / (tp + fp) if tp + fp else 0.
         recall = tp / (tp + fn) if tp + fn else 0.
-        rates = ([recall] if tp + fn else []) + ([tn / (tn + fp)] if tn + fp else [])
         majority = (tp + fn) / n if train_freq[t] >= 0.5 else (tn + fp) / n
-        rows.append(dict(accuracy=(tp + tn) / n, balanced_accuracy=sum(rates) / len(rates), precision=precision,
+        rows.append(dict(accuracy=(tp + tn) / n, balanced_accuracy=(recall + tn / (tn + fp)) / 2 if tp + fn and tn + fp else np.nan, precision=precision,
                          recall=recall, f1=2 * precision * recall / (precision + recall) if precision + recall else 0.,
                          support=tp + fn, num_images=n, positive_frequency=(tp + fn) / n,
                          majority_baseline_accuracy=majority))
@@ -145,6 +144,8 @@ def test_metrics_against_brute_force(seed, two_way, baseline):
     summary = summarize(df)
     per = df[df.branch == 'perception']
     assert summary['mean_accuracy'] == pytest.approx(per.accuracy.mean())
+    assert summary['undefined_balanced_accuracy'] == 1                    # attribute 0: no positives
+    assert summary['mean_balanced_accuracy'] == pytest.approx(per.balanced_accuracy.iloc[1:].mean())
     assert summary['majority_baseline_mean_accuracy'] == pytest.approx(per.majority_baseline_accuracy.mean())
     assert (summary['attention_mean_accuracy'] is None) == baseline
 

@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 from multitask_abn.cli import mtabn_eval, mtabn_train
 from multitask_abn.data import CelebADataset, MtabnError
-from multitask_abn.models import create_model, save_model, save_seed_checkpoint
+from multitask_abn.models import create_model, load_checkpoint, save_model, save_seed_checkpoint
 from multitask_abn.synth import make_synth_celeba
-from multitask_abn.train import (Learner, NonFiniteLoss, evaluate, evaluate_run, load_checkpoint, load_config, make_config,
-                                  train)
+from multitask_abn.train import Learner, NonFiniteLoss, evaluate, evaluate_run, load_config, make_config, train
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, batch_size=8, epochs=2, eval_batch_size=32, progress=False)
@@ -64,7 +63,7 @@ def user_error(capsys, fn, **kwargs) -> str:
     (dict(recipe='paper'), "unknown recipe 'paper'"),
     (dict(recipe=None), 'no recipe given'),
     (dict(data='MISSING'), 'CelebA folder not found'),
-    (dict(resume=True), 'nothing to resume'),
+    (dict(resume=True, recipe=None), 'nothing to resume'),   # with a recipe, --resume would start the run
 ])
 def test_train_user_errors(capsys, tmp_path, synth, overrides, message):
     args = dict(recipe='demo', data=str(synth), out=str(tmp_path / 'run'), image_size=32, quiet=True)
