@@ -570,7 +570,7 @@ def attribute_prior(root, ground_truth: str = 'auto', size: tuple[int, int] = (2
     if path.is_file():
         with np.load(path) as cached: return {a: cached[a] for a in cached.files}
     prior = fit_prior(regions, size, progress)
-    def write(tmp):
+    def write(tmp):                                         # a file object: given a name, numpy would append .npz
         with open(tmp, 'wb') as f: np.savez_compressed(f, **prior)
     try: atomic_write(path, write)
     except OSError: pass                                   # a read-only data folder: fitted again next time
@@ -985,14 +985,13 @@ def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_i
                     for method, layer in cams]
     records = pd.concat(records, ignore_index=True)
     summary = summarize_explanations(records)
-    out.mkdir(parents=True, exist_ok=True)
-    records.to_csv(out/'explanation_records.csv', index=False)
-    summary.to_csv(out/'explanation_metrics.csv', index=False)
-    explanation_table(summary).to_csv(out/'explanation_table.csv', index=False)
-    plot_explanation_metrics(summary).savefig(out/'explanation_metrics.png', dpi=100)
+    atomic_write(out/'explanation_records.csv', records.to_csv(index=False))
+    atomic_write(out/'explanation_metrics.csv', summary.to_csv(index=False))
+    atomic_write(out/'explanation_table.csv', explanation_table(summary).to_csv(index=False))
+    atomic_write(out/'explanation_metrics.png', lambda tmp: plot_explanation_metrics(summary).savefig(tmp, dpi=100, format='png'))
     means = {method: rows.set_index('attribute').drop(columns=['method']).to_dict(orient='index')
              for method, rows in summary[summary.attribute.isin(MEAN_ROWS)].groupby('method', sort=False)}
-    (out/'explanation_summary.json').write_text(json.dumps(dict(
+    atomic_write(out/'explanation_summary.json', json.dumps(dict(
         split=split, ground_truth=regions.kind, regions=regions.table, excluded=regions.excluded, mode=mode,
         tolerance=POINTING_TOLERANCE, baseline=None if baseline is None else str(baseline),
         counterfactual=pairs is not None, images=int(records.image.nunique()), mean=means), indent=1, default=_json_number))
