@@ -33,16 +33,16 @@ from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, loa
 __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGIN', 'WRONG', 'RIGHT', 'POINTING_TOLERANCE',
            'LANDMARK_REGIONS', 'LANDMARK_ATTRIBUTE_REGIONS', 'CAM_CLASSES', 'SALIENCY_METHODS', 'GROUND_TRUTHS',
            'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD', 'NO_COUNTERFACTUAL',
-           'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS', 'INTERVAL_METRICS',
-           'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES', 'VIEW_ATTRIBUTES',
-           'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay',
-           'panel_size', 'attention_panels', 'sigmoid', 'Explanation', 'grid_origins', 'PanelGrid', 'save_image',
-           'attention_grid', 'attribute_grid', 'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game',
-           'pointing_ceiling', 'energy_share', 'blurred', 'deletion_insertion_curves', 'curve_auc',
-           'landmark_region_masks', 'landmark_attribute_masks', 'transform_preset', 'images_to_uint8', 'evaluating',
-           'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
+           'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS',
+           'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES',
+           'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride', 'cell_weights',
+           'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation', 'grid_origins',
+           'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers', 'peak_location',
+           'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred', 'deletion_insertion_curves',
+           'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks', 'transform_preset', 'images_to_uint8',
+           'evaluating', 'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
            'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map',
-           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response',
+           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
            'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
            'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
@@ -334,6 +334,7 @@ def curve_auc(curve) -> float:
     curve = np.asarray(curve, dtype=np.float64)
     return float(np.trapezoid(curve, dx=1 / (len(curve) - 1)))
 
+
 # %% ../nbs/05_explain.ipynb #90af5b72
 LANDMARK_REGIONS = {   # region -> boxes of (x_lo, x_hi, y_lo, y_hi) edges, each (landmark, offset in inter-ocular distances)
     'eyes': [(('le', -.35), ('le', .35), ('le', -.2), ('le', .2)), (('re', -.35), ('re', .35), ('re', -.2), ('re', .2))],
@@ -433,12 +434,19 @@ class DecisionLogits(torch.nn.Module):
     def forward(self, x): return attribute_logits(self.model(x).perception)
 
 def cam_layer(model: torch.nn.Module, target_layer='layer4') -> torch.nn.Module:
-    "Grad-CAM's layer: a module, or a ResNet stage name ('layer3', 'layer4': its last block; layer4 is the usual choice)."
-    if isinstance(target_layer, torch.nn.Module): return target_layer
-    stage = getattr(model, str(target_layer), None)
-    if not isinstance(stage, torch.nn.Sequential):
-        raise MtabnError(f"{type(model).__name__} has no stage {target_layer!r}: pass 'layer1'...'layer4' or a module")
-    return stage[-1]
+    """Grad-CAM's layer: a module, or a ResNet stage name ('layer3', 'layer4': its last block; layer4 is the usual choice).
+    Refused inside an ABN's perception `layer4`: it runs once per attribute (or per stack of attributes), and
+    pytorch-grad-cam would silently keep only the first call's activations."""
+    layer = target_layer if isinstance(target_layer, torch.nn.Module) else getattr(model, str(target_layer), None)
+    if not isinstance(target_layer, torch.nn.Module):
+        if not isinstance(layer, torch.nn.Sequential):
+            raise MtabnError(f"{type(model).__name__} has no stage {target_layer!r}: pass 'layer1'...'layer4' or a module")
+        layer = layer[-1]
+    shared = getattr(model, 'layer4', None) if getattr(getattr(model, 'preset', None), 'attention_branch', False) else None
+    if shared is not None and any(layer is m for m in shared.modules()):
+        raise MtabnError("Grad-CAM inside an ABN's layer4 is undefined (it runs once per attribute): use "
+                         "target_layer='layer3' (run once per image), or the model's own attention maps (method='attention')")
+    return layer
 
 def attention_saliency(model, images: torch.Tensor, attributes: list[int], output=None) -> tuple[np.ndarray, tuple[int, int]]:
     """ABN attention maps of `attributes` resized to the input (B x k x H x W), and the maps' own grid (h, w).
@@ -633,6 +641,27 @@ def attention_response(saliency, counterfactual_saliency, region) -> float:
 
 
 # %% ../nbs/05_explain.ipynb #48e2a5b9
+ROAD_PERCENTILES = (30, 60)
+
+class _Probability:
+    "A pytorch-grad-cam target: the probability of attribute `t` from decision logits (one image's or a batch's)."
+    def __init__(self, t: int): self.t = t
+    def __call__(self, logits): return torch.sigmoid(logits[..., self.t])
+
+def road_drop(model, t: int, image: torch.Tensor, saliency, percentiles=ROAD_PERCENTILES) -> float:
+    """pytorch-grad-cam's ROAD (Rong et al. 2022), most relevant first: the mean fall of attribute `t`'s probability when
+    the top `percentiles` % of the map's pixels are replaced by a noisy linear imputation of their neighbours (not a blur,
+    which deletion curves reward by itself). Higher: removing what the map points at matters more to the model."""
+    from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            drops = [-float(ROADMostRelevantFirst(p)(image[None], as_numpy(saliency)[None], [_Probability(t)], DecisionLogits(model))[0])
+                     for p in percentiles]
+    finally: model.train(was_training)
+    return float(np.mean(drops))
+
 def _attribute_probability(model, t: int):
     def probability(batch):
         return attribute_probabilities(eval_output(model, batch).perception)[:, t]
@@ -672,10 +701,11 @@ def explanation_records(model, dataset, method: str = 'attention', n: int = 64, 
                         deletion_images: int = 8, steps: int = 10, batch_size: int = 16, target_layer='layer4',
                         regions: AttributeRegions | None = None, attributes=None, positives_only: bool = True,
                         label: str | None = None, prior: dict | None = None, counterfactuals: Counterfactuals | None = None,
-                        progress: bool = False) -> pd.DataFrame:
+                        road_images: int = 0, progress: bool = False) -> pd.DataFrame:
     """One row per (image, present attribute with a region): pointing game (+ its ceiling), energy share, region fraction,
-    deletion/insertion AUC; with `counterfactuals` also pointing game and energy share against the pixels that switching the
-    attribute off changes, the attention response and the probability change. `method`: one of `EXPLANATION_METHODS`
+    deletion/insertion AUC (on the first `deletion_images` positives of each attribute), ROAD (the first `road_images`);
+    with `counterfactuals` also pointing game and energy share against the pixels that switching the attribute off
+    changes, the attention response and the probability change. `method`: one of `EXPLANATION_METHODS`
     (baselines use `model` only for deletion/insertion; `prior` needs `prior=attribute_prior(...)`); `label`: the name in
     the `method` column (default `method`)."""
     if method not in EXPLANATION_METHODS:
@@ -704,9 +734,11 @@ def explanation_records(model, dataset, method: str = 'attention', n: int = 64, 
                            pointing_ceiling=float(pointing_ceiling(mask, grid, tolerance)),
                            energy_share=energy_share(saliency[b, k], mask), region_fraction=float(mask.mean()), _k=k, _t=t)
                 if method == 'uniform': row.update(pointing_game=np.nan, pointing_ceiling=np.nan)   # no peak to point with
-                elif row['label'] == 1 and deleted[t] < deletion_images:   # a uniform map has no order to delete in
-                    curves = deletion_insertion_curves(_attribute_probability(model, t), images[b], saliency[b, k], steps)
-                    row['deletion_auc'], row['insertion_auc'] = map(curve_auc, curves)
+                elif row['label'] == 1 and deleted[t] < max(deletion_images, road_images):   # a uniform map has no order to delete in
+                    if deleted[t] < deletion_images:
+                        curves = deletion_insertion_curves(_attribute_probability(model, t), images[b], saliency[b, k], steps)
+                        row['deletion_auc'], row['insertion_auc'] = map(curve_auc, curves)
+                    if deleted[t] < road_images: row['road_drop'] = road_drop(model, t, images[b], saliency[b, k])
                     deleted[t] += 1
                 image_rows.append(row)
             if counterfactuals is not None:
@@ -715,7 +747,7 @@ def explanation_records(model, dataset, method: str = 'attention', n: int = 64, 
             rows += image_rows
     return pd.DataFrame(rows).reindex(columns=RECORD_COLUMNS)
 
-EXPLANATION_METRICS = ['pointing_game', 'pointing_ceiling', 'energy_share', 'region_fraction', 'deletion_auc', 'insertion_auc',
+EXPLANATION_METRICS = ['pointing_game', 'pointing_ceiling', 'energy_share', 'region_fraction', 'deletion_auc', 'insertion_auc', 'road_drop',
                        'cf_pointing_game', 'cf_energy_share', 'cf_region_fraction', 'attention_response', 'probability_change']
 RECORD_COLUMNS = ['method', 'image', 'attribute', 'label', 'probability', *EXPLANATION_METRICS]
 
@@ -723,9 +755,9 @@ RECORD_COLUMNS = ['method', 'image', 'attribute', 'label', 'probability', *EXPLA
 # %% ../nbs/05_explain.ipynb #479b0ace
 LOCALISED_FRACTION = 0.1   # an attribute is 'localised' if its region covers less than 10 % of the image on average
 MEAN_ROWS = ('mean', 'mean_localised')
-INTERVAL_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'cf_pointing_game', 'cf_energy_share',
+INTERVAL_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'road_drop', 'cf_pointing_game', 'cf_energy_share',
                     'attention_response', 'probability_change')
-MARGIN_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'cf_pointing_game', 'cf_energy_share')
+MARGIN_METRICS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc', 'road_drop', 'cf_pointing_game', 'cf_energy_share')
 MARGIN_BASELINE = 'prior'
 
 def _point_summary(records: pd.DataFrame) -> pd.DataFrame:
@@ -800,7 +832,7 @@ def summarize_explanations(records: pd.DataFrame, samples: int = 1000, seed: int
 
 # %% ../nbs/05_explain.ipynb #1a39e1b1
 TABLE_METRICS = ('pointing_game', 'energy_share', 'cf_pointing_game', 'attention_response', 'probability_change',
-                 'deletion_auc', 'insertion_auc')
+                 'deletion_auc', 'insertion_auc', 'road_drop')
 
 def _with_interval(value, lo, hi, signed: bool = False) -> str:
     if pd.isna(value): return ''
@@ -951,7 +983,7 @@ def _counterfactuals_for(dataset: CelebADataset, regions: AttributeRegions, repo
         return None
 
 def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_images: int = 128, mode: str = 'pos',
-                baseline=None, cams=CAM_COMPARISONS, deletion_images: int = 4, steps: int = 10, views=VIEW_ATTRIBUTES,
+                baseline=None, cams=CAM_COMPARISONS, deletion_images: int = 4, road_images: int = 2, steps: int = 10, views=VIEW_ATTRIBUTES,
                 ground_truth: str = 'auto', counterfactual: bool = True, prior_split: str = 'train', progress: bool = True,
                 report=None) -> pd.DataFrame:
     """Attention grids, attribute views and explanation metrics of ABN attention and of the `prior`, `centre` and `uniform`
@@ -972,7 +1004,7 @@ def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_i
         attribute_grid(examples, attribute, mode).save(out/'attribute_views'/f"{attribute}.jpg")
     size = tuple(dataset[0][0].shape[-2:])
     prior = attribute_prior(data, regions.kind, size, prior_split, progress)
-    options = dict(n=metrics_images, deletion_images=deletion_images, steps=steps, progress=progress)
+    options = dict(n=metrics_images, deletion_images=deletion_images, road_images=road_images, steps=steps, progress=progress)
     pairs = _counterfactuals_for(dataset, regions, report) if counterfactual else None
     records = [explanation_records(model, dataset, method, regions=regions, prior=prior, counterfactuals=pairs, **options)
                for method in ('attention', *BASELINE_METHODS)]
