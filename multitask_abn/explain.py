@@ -686,7 +686,7 @@ def _counterfactual_metrics(rows: list[dict], method: str, model, saliency: np.n
         region = resize_mask(pair[1], size)
         if region.any(): pairs.append((row, pair[0], region))
     for row, _, region in pairs:
-        row.update(cf_pointing_game=float(pointing_game(saliency[row['_k']], region, tolerance)),
+        row.update(cf_pointing_game=np.nan if method == 'uniform' else float(pointing_game(saliency[row['_k']], region, tolerance)),
                    cf_energy_share=energy_share(saliency[row['_k']], region), cf_region_fraction=float(region.mean()))
     if method in BASELINE_METHODS or not pairs: return     # a fixed map cannot respond; the model's change is the methods' row
     images, targets = torch.stack([image for _, image, _ in pairs]), [row['_t'] for row, _, _ in pairs]
@@ -885,7 +885,9 @@ def plot_explanation_metrics(summary: pd.DataFrame) -> Figure:
         ax.set_title(PLOT_METRICS[metric] + {'pointing_game': f"; black: ceiling of {methods[0]}'s grid",
                                              'energy_share': '; black: a uniform map'}.get(metric, ''), fontsize=10)
         ax.set_ylim(0, 1)
-    axes[0].legend(ncols=len(methods), fontsize=8, loc='lower left', bbox_to_anchor=(0, 1.12))
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}   # uniform: energy only
+    axes[0].legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles], ncols=len(methods),
+                   fontsize=8, loc='lower left', bbox_to_anchor=(0, 1.12))
     axes[-1].set_xticks(x, attributes, rotation=90)
     return fig
 

@@ -346,6 +346,7 @@ def test_explain_run_writes_what_the_report_reads(synth, tmp_path):
     records = pd.read_csv(out/'explanation_records.csv')
     assert records.query("method == 'attention'").attention_response.notna().any()        # counterfactuals on SynthCelebA
     assert records.query("method == 'prior'").attention_response.isna().all()             # a fixed map cannot respond
+    assert records.query("method == 'uniform'").cf_pointing_game.isna().all()              # no peak to point with
     assert records.query("method == 'attention'").cf_pointing_game.notna().mean() > 0.5
     assert any((synth/'.mtabn_cache').glob('prior_synth_train_64x64_*.npz'))
     info = json.loads((out/'explanation_summary.json').read_text())
