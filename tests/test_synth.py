@@ -34,7 +34,7 @@ def folder_bytes(root):
 def test_same_seed_same_bytes(tmp_path):
     one = folder_bytes(make_synth_celeba(tmp_path / 'one', n=30, seed=11))
     two = folder_bytes(make_synth_celeba(tmp_path / 'two', n=30, seed=11, num_workers=2))
-    assert len(one) == 2 * 30 + 5 and one == two
+    assert len(one) == 2 * 30 + 6 and one == two          # images, part maps, 4 annotation files, part table, marker
     other = folder_bytes(make_synth_celeba(tmp_path / 'other', n=30, seed=12))
     jpgs = [p for p in one if p.suffix == '.jpg']
     assert all(one[p] != other[p] for p in jpgs)
@@ -192,7 +192,7 @@ def test_interrupted_folder_is_regenerated(tmp_path):
 def test_console_script(console, tmp_path):
     result = console('mtabn_synth', tmp_path / 'synth', '--n', 20, '--seed', 5)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{tmp_path / 'synth'}: 20 SynthCelebA images (seed 5): train 16, valid 2, test 2"
+    assert result.stdout.strip() == f"{tmp_path / 'synth'}: 20 SynthCelebA images (seed 5, aligned layout): train 16, valid 2, test 2"
     assert CelebA(tmp_path / 'synth').attributes.shape == (20, 40)
     assert folder_bytes(tmp_path / 'synth') == folder_bytes(make_synth_celeba(tmp_path / 'lib', n=20, seed=5))
     bad = console('mtabn_synth', tmp_path / 'bad', '--n', 0)
