@@ -487,8 +487,9 @@ SALIENCY_METHODS = ('attention', *CAM_CLASSES)   # explanations computed from a 
 def paired_saliency(method: str, model, images: torch.Tensor, targets: list[int], target_layer='layer4', output=None) -> np.ndarray:
     "Saliency of image i for attribute `targets[i]` only (B x H x W): one map per (image, attribute) pair (`output`: as attention_saliency)."
     if method == 'attention':
-        maps, _ = attention_saliency(model, images, sorted(set(targets)), output)
-        return maps[np.arange(len(targets)), [sorted(set(targets)).index(t) for t in targets]]
+        attributes = sorted(set(targets))
+        maps, _ = attention_saliency(model, images, attributes, output)
+        return maps[np.arange(len(targets)), [attributes.index(t) for t in targets]]
     cams = _layer_cams(model, images, list(targets), target_layer, method)
     return resize_maps(cams, images.shape[-2:])
 
