@@ -59,7 +59,8 @@ class AttributeMetrics(nn.Module):
 
     def compute(self) -> pd.DataFrame:
         "One row per attribute and branch (branches that saw no output are left out)."
-        frames = [stat_scores_frame(m.compute(), self.attributes, self.train_positive_frequency).assign(branch=b)
+        # The counts live on the model's device (a GPU's): the one place they come to the host, before pandas.
+        frames = [stat_scores_frame(m.compute().cpu(), self.attributes, self.train_positive_frequency).assign(branch=b)
                   for b, m in self.stats.items() if m.update_called]
         return pd.concat(frames, ignore_index=True)[list(METRIC_COLUMNS)]
 

@@ -163,3 +163,23 @@ def test_results_files(tmp_path):
     assert back['per_attribute']['x']['attention_f1'] == pytest.approx(df.f1[2])
     csv = pd.read_csv(tmp_path / 'eval' / 'test' / 'per_attribute.csv')
     pd.testing.assert_frame_equal(csv, df, check_dtype=False)
+
+
+def test_results_come_to_the_host_once(monkeypatch):
+    "A GPU's counts must be copied to the host before pandas sees them (evaluation on CUDA crashed without it)."
+    from device_stand_in import DeviceOnlyTensor, on_stand_in_device
+    from torchmetrics.classification import MultilabelStatScores
+    real_compute = MultilabelStatScores.compute
+    monkeypatch.setattr(MultilabelStatScores, 'compute', lambda self: on_stand_in_device(real_compute(self)))
+    with pytest.raises(TypeError): np.asarray(on_stand_in_device(torch.ones(3)))          # the stand-in stands in
+    with pytest.raises(RuntimeError): torch.where(on_stand_in_device(torch.ones(3)) > 0, torch.ones(3), 0)
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 2, (20, 4), generator=g)
+    logits = torch.randn(20, 4, generator=g)
+    metrics = AttributeMetrics(list('abcd'), train_positive_frequency=[0.1, 0.5, 0.7, 0.3])
+    metrics.update(ABNOutput(logits, logits, None), targets)
+    df = metrics.compute()
+    assert not any(isinstance(v, DeviceOnlyTensor) for v in df.to_numpy().ravel())
+    decisions = (logits >= 0).long()
+    accuracy = (decisions == targets).double().mean(0).numpy()
+    np.testing.assert_allclose(df[df.branch == 'perception'].accuracy, accuracy)

@@ -69,6 +69,7 @@ EQUIVALENCE_CASES = [  # name, num_attributes, preset overrides, execution optio
     ('abn_v1_resnet10', 7, {}, dict(attributes_per_pass=3)),
     ('abn_fukui2019_resnet10', 5, {}, dict(attributes_per_pass=40)),
     ('abn_v2_resnet50', 3, dict(residual_attention=True), dict(attributes_per_pass=2, linear_shortcut=True)),
+    ('abn_v1_resnet10', 5, {}, dict(attributes_per_pass=2, channels_last=True)),   # stacked BatchNorm in channels-last order
     pytest.param('abn_v1_resnet18', 7, dict(residual_attention=True), dict(attributes_per_pass=4), marks=pytest.mark.slow),
     pytest.param('abn_mitsuhara2020_resnet50', 7, {}, dict(attributes_per_pass=4, linear_shortcut=True), marks=pytest.mark.slow),
     pytest.param('abn_fukui2019_resnext50_32x4d', 5, {}, dict(attributes_per_pass=3, linear_shortcut=True), marks=pytest.mark.slow),
