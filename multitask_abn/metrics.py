@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_metrics.ipynb #3cf85aa4
 from __future__ import annotations
-import json
+import json, warnings
 from pathlib import Path
 import pandas as pd
 import torch
@@ -58,10 +58,15 @@ class AttributeMetrics(nn.Module):
         if out.attention is not None: self.stats['attention'].update((out.attention >= 0).long(), targets)
 
     def compute(self) -> pd.DataFrame:
-        "One row per attribute and branch (branches that saw no output are left out)."
-        # The counts live on the model's device (a GPU's): the one place they come to the host, before pandas.
-        frames = [stat_scores_frame(m.compute().cpu(), self.attributes, self.train_positive_frequency).assign(branch=b)
-                  for b, m in self.stats.items() if m.update_called]
+        "One row per attribute and branch (branches that saw no output, on any process, are left out)."
+        with warnings.catch_warnings():
+            # Every process computes every branch, even one that saw no image (an empty DDP shard, a baseline's attention
+            # branch): torchmetrics synchronises the processes there, and one that skipped it would leave the others waiting.
+            warnings.filterwarnings('ignore', message='.*was called before the ``update`` method')
+            # The counts live on the model's device (a GPU's): the one place they come to the host, before pandas.
+            counts = {branch: m.compute().cpu() for branch, m in self.stats.items()}
+        frames = [stat_scores_frame(c, self.attributes, self.train_positive_frequency).assign(branch=branch)
+                  for branch, c in counts.items() if c[:, :4].sum() > 0]
         return pd.concat(frames, ignore_index=True)[list(METRIC_COLUMNS)]
 
     def reset(self):

@@ -15,16 +15,17 @@ from torchvision.models import get_model_weights
 from torchvision.models.resnet import ResNet, BasicBlock, Bottleneck
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
+import torch.distributed as dist
 from .data import MtabnError, NUM_ATTRIBUTES
 
 # %% auto #0
 __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTION_DEFAULTS', 'EXACT_EXECUTION', 'STACK_BYTES',
            'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE',
            'SEED_PRESET_KEY', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
-           'AttributeBatchNorm2d', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model',
-           'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write', 'save_model',
-           'checkpoint_file', 'load_model', 'saved_config', 'inference_settings', 'from_seed_names', 'to_seed_names',
-           'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
+           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset',
+           'create_model', 'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write',
+           'save_model', 'checkpoint_file', 'load_model', 'saved_config', 'inference_settings', 'from_seed_names',
+           'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
            'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
            'optimize_for_inference']
 
@@ -93,16 +94,31 @@ BACKBONES = {
 }
 
 # %% ../nbs/02_models.ipynb #4535fe3d
+class _SumOverProcesses(torch.autograd.Function):
+    "all_reduce(SUM) with a gradient: every process's sum depends on every process's input, so gradients are summed too."
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
 class AttributeBatchNorm2d(nn.BatchNorm2d):
     "`BatchNorm2d` that keeps per-attribute statistics over an image-major stack of `attributes_per_pass` copies."
     attributes_per_pass = 1
     recomputing = False     # True while a checkpointed segment is recomputed: running statistics already updated
+    synchronised = False    # under DDP (`synchronise_batchnorms`): statistics over every process's images
 
     def forward(self, x):
         k = self.attributes_per_pass
-        if not self.training or (k == 1 and not self.recomputing): return super().forward(x)
+        if not self.training or (k == 1 and not self.recomputing and not self.synchronised): return super().forward(x)
         n, c, h, w = x.shape
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if self.synchronised or x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             out, batch_mean, batch_var = self._normalise_channels_last(x.view(n // k, k, c, h, w))
         else:
             batch_mean = self.running_mean.new_zeros(k * c)
@@ -114,14 +130,20 @@ class AttributeBatchNorm2d(nn.BatchNorm2d):
         return out.reshape(n, c, h, w)
 
     def _normalise_channels_last(self, stack):
-        """The same normalisation of a channels-last stack (B x k x C x H x W view), computed where it lies: the
-        (k*C)-channel view `batch_norm` needs does not exist in that memory order, and reshaping to it would copy the
-        tensor back to NCHW at every BatchNorm."""
-        var, mean = torch.var_mean(stack, dim=(0, 3, 4), correction=0, keepdim=True)
+        """The same normalisation of a stack (B x k x C x H x W view), computed where it lies: a channels-last stack has
+        no (k*C)-channel view for `batch_norm` (reshaping to one copies it back to NCHW at every BatchNorm), and a
+        synchronised one needs its sums over all processes (differentiable all_reduce: gradients flow to every process)."""
+        dims, dtype = (0, 3, 4), torch.promote_types(stack.dtype, torch.float32)   # statistics in fp32 under autocast
+        values = stack.to(dtype)
+        count = torch.full((), stack.shape[0] * stack.shape[3] * stack.shape[4], dtype=dtype, device=stack.device)
+        if self.synchronised:                              # means and variances over every process's images
+            count = _SumOverProcesses.apply(count)
+            mean = _SumOverProcesses.apply(values.sum(dims, keepdim=True)) / count
+            var = _SumOverProcesses.apply(((values - mean) ** 2).sum(dims, keepdim=True)) / count
+        else: var, mean = torch.var_mean(values, dim=dims, correction=0, keepdim=True)
         scale = self.weight.view(1, 1, -1, 1, 1) * torch.rsqrt(var + self.eps)
-        out = (stack - mean) * scale + self.bias.view(1, 1, -1, 1, 1)
-        count = stack.shape[0] * stack.shape[3] * stack.shape[4]
-        return out, mean.detach().flatten(), var.detach().flatten() * (count / max(count - 1, 1))
+        out = ((values - mean) * scale + self.bias.view(1, 1, -1, 1, 1)).to(stack.dtype)
+        return out, mean.detach().flatten(), (var.detach() * count / (count - 1).clamp(min=1)).flatten()
 
     @torch.no_grad()
     def _update_running_statistics(self, means, variances):
@@ -139,6 +161,14 @@ class AttributeBatchNorm2d(nn.BatchNorm2d):
             for running, batch in ((self.running_mean, means), (self.running_var, variances)):
                 running.mul_((1 - f) ** k).add_(weights @ batch)
         self.num_batches_tracked.add_(k)
+
+# %% ../nbs/02_models.ipynb #0c2a2ebd
+def synchronise_batchnorms(model: nn.Module) -> nn.Module:
+    """Make every `AttributeBatchNorm2d` of `model` compute training statistics over all DDP processes' images (per
+    attribute, as in one process), like `nn.SyncBatchNorm`, which cannot keep per-attribute statistics and runs on GPUs only."""
+    for m in model.modules():
+        if isinstance(m, AttributeBatchNorm2d): m.synchronised = True
+    return model
 
 # %% ../nbs/02_models.ipynb #96fb3dec
 EXECUTION_DEFAULTS = dict(perception='chunked', attributes_per_pass='auto', linear_shortcut=True,
@@ -294,7 +324,8 @@ class ABN(_ExecutionMixin, ResNet):
             finally: self._set_attributes_per_pass(1)
             pooled.append(self.avgpool(y).view(b, m.shape[1], -1))
         pooled = torch.cat(pooled, 1)                                           # B x T x C
-        weight = torch.stack([head.weight for head in self.output_per])         # T x out x C
+        # concatenated, not stacked: each head's gradient is then a row-major slice, the layout DDP's buckets expect
+        weight = torch.cat([head.weight for head in self.output_per]).view(self.num_attributes, -1, pooled.shape[-1])  # T x out x C
         bias = torch.stack([head.bias for head in self.output_per])             # T x out
         return self._head_shape(torch.einsum('btc,toc->bto', pooled, weight) + bias)
 

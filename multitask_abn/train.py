@@ -4,8 +4,8 @@
 
 # %% ../nbs/04_train.ipynb #0cb4ba6f
 from __future__ import annotations
-import json, math, os, random, shutil, time, warnings
-from dataclasses import dataclass, field, asdict, fields
+import copy, json, math, os, platform, random, re, shutil, time
+from dataclasses import dataclass, field, asdict, fields, replace
 from itertools import islice
 from pathlib import Path
 import numpy as np
@@ -19,16 +19,18 @@ from fastcore.basics import patch
 from .data import (CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, pos_weight, positive_frequency)
 from .models import (atomic_write, checkpoint_file, create_model, inference_settings, list_models,
-                                  load_checkpoint, load_model, save_model, saved_config)
+                                  load_checkpoint, load_model, save_model, saved_config, synchronise_batchnorms)
 from .losses import LOSS_NAMES, make_loss
 from .metrics import AttributeMetrics, attribute_table, summarize, write_results
 
 # %% auto #0
-__all__ = ['RECIPES', 'OWN_FLAGS', 'PRECISIONS', 'CONFIG_CHECKS', 'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES',
-           'TrainConfig', 'command_line_flag', 'check_config', 'config_from_dict', 'make_config', 'load_config',
-           'Processes', 'join_processes', 'resolve_device', 'autocast', 'EpochSampler', 'SeededSamples', 'labels_of',
-           'make_dataset', 'train_positive_frequency', 'evaluate', 'rng_states', 'set_rng_states', 'seed_everything',
-           'build_model', 'Learner', 'NonFiniteLoss', 'train', 'evaluate_run', 'format_results', 'run_demo']
+__all__ = ['RECIPES', 'OWN_FLAGS', 'PRECISIONS', 'CONFIG_CHECKS', 'PROBE_STEPS', 'BF16_MIN_SPEEDUP', 'CHECKPOINT_FORMAT',
+           'RESUMABLE_CHANGES', 'DEMO_IMAGES', 'TrainConfig', 'command_line_flag', 'check_config', 'config_from_dict',
+           'make_config', 'load_config', 'Processes', 'join_processes', 'resolve_device', 'configure_device',
+           'loader_options', 'autocast', 'machine_description', 'synchronize', 'probe_precision', 'choose_precision',
+           'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset', 'train_positive_frequency', 'evaluate',
+           'rng_states', 'set_rng_states', 'seed_everything', 'NonFiniteLoss', 'build_model', 'Learner', 'train',
+           'evaluate_run', 'format_results', 'run_demo']
 
 # %% ../nbs/04_train.ipynb #e7f43637
 @dataclass
@@ -49,7 +51,7 @@ class TrainConfig:
     max_train_images: int | None = None    # first N images of the split (quick experiments)
     max_eval_images: int | None = None
     epochs: int = 10
-    batch_size: int = 8                    # global batch (divided among DDP processes)
+    batch_size: int = 8                    # global batch: each of P DDP processes (GPUs) takes batch_size / P
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -62,11 +64,15 @@ class TrainConfig:
     focal_alpha: float | None = None
     seed: int = 1701
     device: str = 'auto'                   # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
-    precision: str = 'fp32'                # 'fp32' | 'bf16' | 'fp16' (autocast; fp16 with a GradScaler)
+    precision: str = 'auto'                # 'auto' | 'fp32' | 'bf16' | 'fp16' (autocast; fp16 with a GradScaler)
+    precision_probe: dict | None = None    # what precision='auto' measured and chose (set by the run itself)
     channels_last: bool = False
     workers: int = 0                       # DataLoader worker processes
     eval_batch_size: int = 64
     checkpoint_every: int = 0              # also checkpoint every N optimiser steps (0: each epoch only)
+    log_every: int = 0                     # read the losses to the host every N steps (0: each step on CPU, 25 on GPUs)
+    sync_batchnorm: bool = True            # under DDP: BatchNorm statistics over all processes' images
+    deterministic: bool = False            # GPU: deterministic kernels, no cuDNN autotuning or TF32 (bitwise resume)
     progress: bool = True                  # tqdm progress bars
 
     def to_json(self) -> str: return json.dumps(asdict(self), indent=1)
@@ -79,7 +85,7 @@ RECIPES = {
     'v1': dict(model='abn_v1_resnet101', pretrained='imagenet', attention_init='random', transform='fukui2019',
                image_size=224, train_split='train', valid_split='valid', epochs=10, batch_size=8, lr=0.01,
                milestones=[4, 8], workers=4),
-    'demo': dict(model='abn_v1_resnet10', transform='eval', image_size=80, precision='bf16', epochs=4, batch_size=32, lr=0.05,
+    'demo': dict(model='abn_v1_resnet10', transform='eval', image_size=80, epochs=4, batch_size=32, lr=0.05,
                  milestones=[3], use_pos_weight=True, eval_batch_size=128, seed=0),
 }
 RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 161, 'epochs': 6, 'milestones': [4]}
@@ -98,7 +104,7 @@ def command_line_flag(name: str) -> str:
 def _is_int(v, low: int) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= low
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
-PRECISIONS = ('fp32', 'bf16', 'fp16')
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 CONFIG_CHECKS = (
     ('model', lambda v: v in list_models(), "a model name such as abn_v1_resnet18 (see multitask_abn.models.list_models())"),
     ('epochs', lambda v: _is_int(v, 1), 'a positive integer'),
@@ -113,6 +119,8 @@ CONFIG_CHECKS = (
     ('seed', lambda v: _is_int(v, 0), 'an integer >= 0'),
     ('workers', lambda v: _is_int(v, 0), 'an integer >= 0'),
     ('checkpoint_every', lambda v: _is_int(v, 0), 'an integer >= 0 (0: each epoch only)'),
+    ('log_every', lambda v: _is_int(v, 0), 'an integer >= 0 (0: the device default)'),
+    ('precision_probe', lambda v: v is None or isinstance(v, dict), 'left unset (precision=auto records it)'),
     ('max_train_images', lambda v: v is None or _is_int(v, 1), 'a positive integer'),
     ('max_eval_images', lambda v: v is None or _is_int(v, 1), 'a positive integer'),
     ('precision', lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -121,7 +129,7 @@ CONFIG_CHECKS = (
     ('transform', lambda v: v in PRESET_NORMALIZATION, f"one of {', '.join(PRESET_NORMALIZATION)}"),
     ('model_options', lambda v: isinstance(v, dict), 'a dict of create_model overrides'),
     # `--set NAME=VALUE` reads JSON, so a misspelt true/false would otherwise arrive as a (truthy) string.
-    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress')),
+    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress', 'sync_batchnorm', 'deterministic')),
 )
 
 def check_config(config: TrainConfig) -> TrainConfig:
@@ -192,17 +200,84 @@ def join_processes(device: str = 'auto') -> Processes:
         procs.owns_group = True
     return procs
 
-def resolve_device(device: str = 'auto', local_rank: int = 0) -> torch.device:
-    "'auto' -> this process's GPU if there is one, else the CPU."
+def resolve_device(device: str = 'auto', local_rank: int = 0, world: int = 1) -> torch.device:
+    "'auto' -> this process's GPU (`cuda:LOCAL_RANK` under torchrun) if there is one, else the CPU."
+    if world > 1 and device.startswith('cuda:'):
+        raise MtabnError(f"device={device!r} (--device): under torchrun each process takes the GPU of its LOCAL_RANK; "
+                         f"pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     if device == 'auto': device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise MtabnError(f"device={device!r} (--device): no CUDA GPU is available here; use --device cpu")
     return torch.device(f'cuda:{local_rank}' if device == 'cuda' else device)
 
+def configure_device(device: torch.device, deterministic: bool = False):
+    """Make `device` this process's current GPU (collectives and `cuda` tensors land there), with cuDNN autotuning and
+    TF32 matmuls for speed, or deterministic kernels without either (what bitwise resume needs on a GPU)."""
+    if device.type != 'cuda': return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')   # cuBLAS reads it when its first handle is made
+        torch.use_deterministic_algorithms(True)
+
+def loader_options(workers: int, device: torch.device) -> dict:
+    "DataLoader options for `device`: pinned batches for a GPU (copied asynchronously), workers kept between epochs."
+    return dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+
 def autocast(device: torch.device, precision: str):
     "The autocast context of `precision` ('fp32': disabled)."
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+# %% ../nbs/04_train.ipynb #4c75309b
+PROBE_STEPS = 2          # timed training steps per precision, after one warm-up step
+BF16_MIN_SPEEDUP = 1.1   # bf16 must be this much faster than fp32 to be chosen
+
+def machine_description() -> dict:
+    "The CPU model, its vector/matrix extensions, cores and GPUs: what speed figures depend on."
+    cpuinfo = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
+    model = re.search(r'^model name\s*:\s*(.+)$', cpuinfo, re.M)
+    flags = set((re.search(r'^flags\s*:\s*(.+)$', cpuinfo, re.M) or re.match('()', '')).group(1).split())
+    return dict(cpu=model.group(1).strip() if model else platform.processor() or platform.machine(),
+                isa=sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile', 'amx_int8'}),
+                cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+                gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], torch=torch.__version__)
+
+def synchronize(device: torch.device):
+    "Wait for `device`'s queued work (GPU kernels run asynchronously; timing without this measures launches)."
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+def _seconds_per_training_step(model, loss_fn, images, targets, precision: str, steps: int) -> float:
+    def step():
+        with autocast(images.device, precision): loss, _ = loss_fn(model(images), targets)
+        loss.backward()
+    step()                                 # warm-up: oneDNN/cuDNN choose their kernels on the first call
+    synchronize(images.device)
+    start = time.perf_counter()
+    for _ in range(steps): step()
+    synchronize(images.device)
+    return (time.perf_counter() - start) / steps
+
+def probe_precision(model, loss_fn, batch_size: int, image_size: int, device: torch.device, steps: int = PROBE_STEPS) -> dict:
+    """What `precision='auto'` trains in: bf16 on a GPU that supports it, else the faster of fp32 and bf16 for a few
+    training steps of a copy of `model` on random images of the run's batch shape. The run's random state is untouched."""
+    if device.type == 'cuda':
+        bf16 = torch.cuda.is_bf16_supported()
+        return dict(chosen='bf16' if bf16 else 'fp32', reason=f"GPU {torch.cuda.get_device_name(device)}"
+                    + ('' if bf16 else ' has no bf16'))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        targets = torch.randint(0, 2, (batch_size, model.num_attributes), device=device).float()
+        trial = copy.deepcopy(model).train()
+        seconds = {p: _seconds_per_training_step(trial, loss_fn, images, targets, p, steps) for p in ('fp32', 'bf16')}
+    return dict(chosen=choose_precision(seconds), seconds_per_step={p: round(s, 4) for p, s in seconds.items()},
+                reason=f"fastest training step on {machine_description()['cpu']}")
+
+def choose_precision(seconds_per_step: dict) -> str:
+    return 'bf16' if seconds_per_step['bf16'] * BF16_MIN_SPEEDUP < seconds_per_step['fp32'] else 'fp32'
+
 
 # %% ../nbs/04_train.ipynb #1697897a
 class EpochSampler(DistributedSampler):
@@ -253,13 +328,13 @@ def evaluate(model, dataset, batch_size: int = 64, workers: int = 0, device='cpu
     "(per-attribute metrics DataFrame, mean loss or None) of `model` on `dataset`."
     device = torch.device(device)
     shard = Subset(dataset, range(procs.rank, len(dataset), procs.world)) if procs.world > 1 else dataset
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(shard, batch_size=batch_size, **loader_options(workers, device))
     metrics = AttributeMetrics(train_positive_frequency=train_frequency).to(device)
     loss_total = torch.zeros(2, dtype=torch.float64, device=device)   # sum of per-image losses, number of images
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not (progress and procs.main)):
-        images, targets = images.to(device), targets.to(device)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, precision): out = model(images)
         metrics.update(out, targets)
         if loss_fn is not None:
@@ -275,7 +350,8 @@ def rng_states() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     states = dict(torch=torch.get_rng_state(), python=random.getstate(),
                   numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss))
-    if torch.cuda.is_available(): states['cuda'] = torch.cuda.get_rng_state_all()
+    # this process's GPU only: a run resumed on another number of GPUs (or on none) restores what it has
+    if torch.cuda.is_available(): states['cuda'] = torch.cuda.get_rng_state()
     return states
 
 def set_rng_states(states: dict):
@@ -283,7 +359,9 @@ def set_rng_states(states: dict):
     random.setstate(states['python'])
     name, keys, pos, has_gauss, gauss = states['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if 'cuda' in states and torch.cuda.is_available(): torch.cuda.set_rng_state_all(states['cuda'])
+    if 'cuda' in states and torch.cuda.is_available():
+        cuda = states['cuda']
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)   # older checkpoints: every GPU's
 
 def seed_everything(seed: int):
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -291,7 +369,14 @@ def seed_everything(seed: int):
 # %% ../nbs/04_train.ipynb #114258cc
 CHECKPOINT_FORMAT = 'multitask_abn.train/1'
 # Changing these on --resume changes neither the model nor the data order.
-RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'device', 'eval_batch_size')
+RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'log_every', 'device', 'eval_batch_size')
+
+class NonFiniteLoss(MtabnError): "Training produced a NaN/inf loss or gradient and stopped; no weight was changed by it."
+
+def _all_finite(tensors) -> torch.Tensor:
+    "One device-side flag: are all floating-point `tensors` finite (a single fused norm, no host synchronisation)?"
+    floating = [t.detach() for t in tensors if t.is_floating_point()]
+    return torch.stack(torch._foreach_norm(floating)).float().norm().isfinite() if floating else torch.tensor(True)
 
 def build_model(config: TrainConfig):
     "`create_model` with the config's model, initialisation and options."
@@ -305,7 +390,8 @@ class Learner:
     def __init__(self, config: TrainConfig, run_dir=None, procs: Processes = Processes()):
         self.config, self.procs = config, procs
         self.run_dir = None if run_dir is None else Path(run_dir)
-        self.device = resolve_device(config.device, procs.local_rank)
+        self.device = resolve_device(config.device, procs.local_rank, procs.world)
+        configure_device(self.device, config.deterministic)
         if config.batch_size % procs.world:
             raise MtabnError(f"batch_size={config.batch_size} ({command_line_flag('batch_size')}) must be divisible by the {procs.world} processes")
         seed_everything(config.seed)
@@ -318,26 +404,31 @@ class Learner:
         self.loss_fn = make_loss(config.loss, self.model.preset, pos_weight=pos_weight(labels) if config.use_pos_weight else None,
                                  gamma=config.focal_gamma, alpha=config.focal_alpha,
                                  frequencies=positive_frequency(labels)).to(self.device)
+        if config.precision == 'auto': self.config = config = self._probed(config)
+        # fused: one kernel for the whole update, and it can skip a step on the device (`found_inf`) without a host sync
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay, nesterov=config.nesterov)
+                                         weight_decay=config.weight_decay, nesterov=config.nesterov, fused=True)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.milestones, config.lr_gamma)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == 'fp16')
-        self.net = self._distributed(self.model) if procs.world > 1 else self.model
+        if procs.world > 1 and config.sync_batchnorm: synchronise_batchnorms(self.model)
+        self.net = DistributedDataParallel(self.model) if procs.world > 1 else self.model
         self.sampler = EpochSampler(self.train_ds, config.seed, procs)
         self.loader = DataLoader(SeededSamples(self.train_ds, config.seed), batch_size=config.batch_size // procs.world,
-                                 sampler=self.sampler, num_workers=config.workers, drop_last=True)
+                                 sampler=self.sampler, drop_last=True, **loader_options(config.workers, self.device))
         if len(self.loader) == 0:
             raise MtabnError(f"split {config.train_split!r} has {len(self.train_ds)} images, fewer than batch_size={config.batch_size} ({command_line_flag('batch_size')})")
         self.epoch, self.batch_in_epoch, self.step, self.saved_step = 0, 0, 0, None
         self.epoch_sums = torch.zeros(3, dtype=torch.float64)   # loss, perception, attention summed over steps
         self.epoch_seconds, self.best_score, self.history = 0., None, []
+        self.log_every = config.log_every or (25 if self.device.type == 'cuda' else 1)
 
-    @staticmethod
-    def _distributed(model):
-        # The per-attribute heads are used through one stacked weight, so their gradients have strides DDP's
-        # buckets do not expect: a harmless performance note, printed by every process.
-        warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-        return DistributedDataParallel(model)
+    def _probed(self, config: TrainConfig) -> TrainConfig:
+        "`config` with precision='auto' replaced by what the probe chose on rank 0 (every process trains the same way)."
+        probe = [probe_precision(self.model, self.loss_fn, config.batch_size // self.procs.world, config.image_size, self.device)
+                 if self.procs.main else None]
+        if self.procs.world > 1: dist.broadcast_object_list(probe, 0)
+        if self.procs.main and config.progress: tqdm.write(f"precision auto -> {probe[0]['chosen']} ({probe[0]['reason']})")
+        return replace(config, precision=probe[0]['chosen'], precision_probe=probe[0])
 
     _position = ('epoch', 'batch_in_epoch', 'step', 'epoch_seconds', 'best_score', 'history')
 
@@ -354,6 +445,7 @@ class Learner:
         try: self.model.load_state_dict(state['model_state_dict'])
         except RuntimeError as e: raise MtabnError(f"the checkpoint does not fit model {self.config.model} ({str(e).splitlines()[0][:160]})") from None
         self.optimizer.load_state_dict(state['optimizer_state_dict'])
+        for group in self.optimizer.param_groups: group['fused'] = True    # checkpoints of the unfused optimiser
         self.scheduler.load_state_dict(state['scheduler_state_dict'])
         self.scaler.load_state_dict(state['scaler_state_dict'])
         set_rng_states(state['rng_states'])
@@ -366,6 +458,8 @@ class Learner:
     def save_model(self, name: str, **extra):
         "Write `checkpoints/<name>` (model + config + `extra`) if this process writes files."
         if self.run_dir is not None and self.procs.main:
+            if not _all_finite(self.model.state_dict().values()):
+                raise NonFiniteLoss(f"refusing to write {self._checkpoint_path(name)}: the model's weights are not finite")
             info = dict(format=CHECKPOINT_FORMAT, config=asdict(self.config), epoch=self.epoch, step=self.step)
             save_model(self.model, self._checkpoint_path(name), **{**info, **extra})
 
@@ -375,7 +469,22 @@ class Learner:
         self.saved_step = self.step
 
 # %% ../nbs/04_train.ipynb #b90fba39
-class NonFiniteLoss(MtabnError): "Training produced a NaN/inf loss and stopped."
+@patch
+def _optimizer_step(self: Learner, loss) -> torch.Tensor:
+    """Backward and the optimiser step, which leaves weights and momentum untouched unless the loss and every gradient are
+    finite; returns that flag, decided on the device. Without a GradScaler (fp32, bf16) nothing else would stop an
+    inf/NaN gradient of a finite loss from reaching the weights."""
+    self.optimizer.zero_grad(set_to_none=True)
+    self.scaler.scale(loss).backward()
+    if self.scaler.is_enabled():           # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach().isfinite()
+    finite = loss.detach().isfinite() & _all_finite(p.grad for p in self.model.parameters() if p.grad is not None)
+    self.optimizer.found_inf = (~finite).float()
+    try: self.optimizer.step()
+    finally: del self.optimizer.found_inf
+    return finite
 
 @patch
 def _train_epoch(self: Learner, writer):
@@ -386,31 +495,43 @@ def _train_epoch(self: Learner, writer):
     start = time.perf_counter() - self.epoch_seconds
     bar = tqdm(self.loader, desc=f'epoch {self.epoch + 1}/{config.epochs}', leave=False,
                disable=not (config.progress and procs.main))
+    pending = []             # per step, on the device: loss, perception loss, attention loss, finite
     for images, targets in bar:
-        images, targets = images.to(self.device), targets.to(self.device)
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with autocast(self.device, config.precision):
             loss, parts = self.loss_fn(self.net(images), targets)
-        # one host copy per step: (loss, perception loss, attention loss), averaged over the processes
-        values = (procs.sum(torch.stack([loss.detach(), parts['perception'].detach(), parts['attention'].detach()]).double()) / procs.world).tolist()
-        if not all(map(math.isfinite, values)):
-            where = '' if self.run_dir is None else f"; the last good checkpoint is {self._checkpoint_path('latest.pt')} (step {self.saved_step})"
-            raise NonFiniteLoss(f"training stopped: loss is {values[0]} at epoch {self.epoch + 1}, step {self.step + 1}{where}. "
-                                f"Lower the learning rate (--lr) or use --precision fp32")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite = self._optimizer_step(loss)
+        pending.append(torch.stack([t.detach().double() for t in (loss, parts['perception'], parts['attention'], finite)]))
         self.step += 1
         self.batch_in_epoch += 1
-        self.epoch_sums += torch.tensor(values, dtype=torch.float64)
-        bar.set_postfix(loss=f'{values[0]:.4f}')
-        if writer is not None:
-            for name, value in zip(('loss', 'perception_loss', 'attention_loss'), values):
-                writer.add_scalar(f'train/{name}', value, self.step)
-        if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+        checkpoint_due = config.checkpoint_every and self.step % config.checkpoint_every == 0
+        if checkpoint_due or self.step % self.log_every == 0:
+            self._read_losses(pending, bar, writer)
+            pending = []
+        if checkpoint_due:
             self.epoch_seconds = time.perf_counter() - start
             self.save_latest()
+    if pending: self._read_losses(pending, bar, writer)
     self.epoch_seconds = time.perf_counter() - start
+
+@patch
+def _read_losses(self: Learner, pending: list, bar, writer):
+    """The host's one look at the last `len(pending)` steps (averaged over processes): stop at a non-finite one, else
+    add them to the epoch's sums, the progress bar and TensorBoard. Reading every `log_every` steps, not every step,
+    keeps a GPU's queue full."""
+    values = self.procs.sum(torch.stack(pending)) / self.procs.world
+    first_step = self.step - len(pending) + 1
+    for step, (loss, perception, attention, finite) in enumerate(values.tolist(), first_step):
+        if finite < 1 or not math.isfinite(loss):
+            where = '' if self.run_dir is None else f"; the last checkpoint is {self._checkpoint_path('latest.pt')} (step {self.saved_step})"
+            raise NonFiniteLoss(f"training stopped: the loss ({loss}) or a gradient is not finite at epoch {self.epoch + 1}, "
+                                f"step {step}; that step did not change the weights{where}. "
+                                f"Lower the learning rate (--lr) or use --precision fp32")
+        self.epoch_sums += torch.tensor([loss, perception, attention], dtype=torch.float64)
+        if writer is not None:
+            for name, value in zip(('loss', 'perception_loss', 'attention_loss'), (loss, perception, attention)):
+                writer.add_scalar(f'train/{name}', value, step)
+    bar.set_postfix(loss=f'{loss:.4f}')
 
 @patch
 def _end_epoch(self: Learner, writer):
@@ -507,6 +628,8 @@ def _resolved_config(config, out: Path, resume: bool, overrides: dict) -> TrainC
         config = saved
     config = make_config(config, **given) if isinstance(config, str) else config_from_dict({**asdict(config), **given})
     if saved is not None:
+        if config.precision in ('auto', saved.precision):    # what 'auto' chose when the run started stays
+            config = replace(config, precision=saved.precision, precision_probe=saved.precision_probe)
         changed = [k for k in asdict(config) if k not in RESUMABLE_CHANGES and getattr(config, k) != getattr(saved, k)]
         if changed:
             k = changed[0]
@@ -532,7 +655,7 @@ def train(config: TrainConfig | str | None, out, resume: bool = False, overwrite
             # checked above), starts from an empty folder: nothing of the earlier attempt (TensorBoard events) stays.
             if out.is_dir() and (overwrite or resume and checkpoint is None): shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write(out / 'config.json', config.to_json())
+            atomic_write(out / 'config.json', learner.config.to_json())
         procs.barrier()
         learner.fit()
         return out
