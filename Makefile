@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 DATA ?= data/synth
 RUN ?= runs/demo
 
-.PHONY: install demo explain test test-slow lab export constraints readme readme-images
+.PHONY: install demo explain test test-slow gpu-check lab export constraints readme readme-images
 
 install: $(INSTALLED)
 
@@ -54,6 +54,20 @@ test: install
 test-slow: install
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/pytest -q -n 2 tests
+
+# The CUDA path on a GPU machine (<= 5 minutes on one modern GPU): the `gpu` tests (training, resume, evaluation, explain,
+# predict on CUDA against the CPU), then a short demo-recipe run and the benchmark of ABN-v1 ResNet-101 on the GPU, whose
+# last line is one JSON object: images/s, peak memory, speed-ups and the decisions check. Without a GPU it says so and stops.
+GPU_CHECK ?= runs/gpu_check
+gpu-check: install
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || \
+	  { echo "gpu-check: no CUDA GPU on this machine: nothing to check"; exit 0; }; \
+	set -e; \
+	$(BIN)/pytest -q -m gpu tests/test_gpu.py; \
+	$(BIN)/mtabn_synth $(GPU_CHECK)/synth --n 1000 > /dev/null; \
+	$(BIN)/mtabn_train --recipe demo --data $(GPU_CHECK)/synth --out $(GPU_CHECK)/run --device cuda --workers 4 --epochs 2 --overwrite --quiet; \
+	$(BIN)/python -m multitask_abn.bench models --model abn_v1_resnet101 --checkpoint $(GPU_CHECK)/run --data $(GPU_CHECK)/synth \
+	  --device cuda --batch 32 --iters 5 --threads 8 | tail -1
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir nbs

@@ -12,11 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from .data import MtabnError
 from .models import attribute_logits, create_model, load_model, optimize_for_inference, saved_config
 from .losses import make_loss
+from .train import machine_description, resolve_device, synchronize
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'subcommand', 'main', 'time_round_robin', 'step_peak_memory_mb',
            'eval_modes', 'train_modes', 'benchmark_modes', 'decisions_equal', 'test_batches', 'run_models_benchmark',
-           'models_command']
+           'models_command', 'loader_images_per_s', 'run_loader_benchmark', 'loader_command']
 
 # %% ../nbs/08_bench.ipynb #cc2ce0b8
 SUBCOMMANDS: dict = {}
@@ -62,8 +63,14 @@ def _set_malloc(mmap_threshold: int, trim_threshold: int):
     libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
     return libc
 
-def step_peak_memory_mb(step) -> float:
-    "Extra resident memory (MB) at the peak of one call of `step` (Linux/glibc; NaN elsewhere)."
+def step_peak_memory_mb(step, device: torch.device = torch.device('cpu')) -> float:
+    "Extra memory (MB) at the peak of one call of `step`: resident memory on a CPU (Linux/glibc; NaN elsewhere), allocated on a GPU."
+    if device.type == 'cuda':
+        gc.collect(); torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(); torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
         gc.collect()
         _set_malloc(64 * 1024, 0).malloc_trim(0)      # large blocks via mmap, freed memory back to the system
@@ -108,25 +115,29 @@ def _gflop_per_image(step, batch: int) -> float:
 
 # %% ../nbs/08_bench.ipynb #eb08357b
 def benchmark_modes(model, batch: int = 8, size: int = 224, iters: int = 3, k: int | str = 'auto', compile: bool = True,
-                    memory: bool = True, include: tuple[str, ...] = ('eval', 'train')) -> tuple[pd.DataFrame, dict]:
-    """Images/s, peak step memory and GFLOP/image of every eval and train mode of `model` (random inputs),
+                    memory: bool = True, include: tuple[str, ...] = ('eval', 'train'), device='cpu') -> tuple[pd.DataFrame, dict]:
+    """Images/s, peak step memory and GFLOP/image of every eval and train mode of `model` (random inputs) on `device`,
     with ratios to the loop in float32. Returns the table and the eval-mode models (for decision checks)."""
-    x = torch.randn(batch, 3, size, size)
-    targets = torch.randint(0, 2, (batch, model.num_attributes)).float()
+    device = torch.device(device)
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size).to(device)
+    targets = torch.randint(0, 2, (batch, model.num_attributes)).float().to(device)
     rows, eval_models, steps, flop_steps = [], {}, {}, {}
     loss_fn = make_loss('bce', model.preset)   # the training loss of the model's head type
     if 'eval' in include:
         for name, options in eval_modes(k).items():
             if options.get('compile') and not compile: continue
             eval_models[name] = optimize_for_inference(model, x, **options)
-            steps['eval', name] = (lambda m=eval_models[name]: m(x))
+            steps['eval', name] = (lambda m=eval_models[name]: (m(x), synchronize(device)))
             # FLOPs are counted on the module itself: a compiled one keeps it as `_orig_mod`
             flop_steps['eval', name] = (lambda m=getattr(eval_models[name], '_orig_mod', eval_models[name]): m(x))
     if 'train' in include:
         for name, options in train_modes(k).items():
             trained = copy.deepcopy(model).train().set_execution(**options)
             optimizer = torch.optim.SGD(trained.parameters(), lr=1e-4, momentum=0.9)
-            steps['train', name] = flop_steps['train', name] = (lambda m=trained, o=optimizer: _train_step(m, o, loss_fn, x, targets))
+            flop_steps['train', name] = (lambda m=trained, o=optimizer: _train_step(m, o, loss_fn, x, targets))
+            # a GPU runs asynchronously: a step's time is until its kernels have finished
+            steps['train', name] = (lambda step=flop_steps['train', name]: (step(), synchronize(device)))
     with torch.no_grad():
         eval_times = time_round_robin({n: s for n, s in steps.items() if n[0] == 'eval'}, iters)
     times = {**eval_times, **time_round_robin({n: s for n, s in steps.items() if n[0] == 'train'}, iters)}
@@ -138,7 +149,7 @@ def benchmark_modes(model, batch: int = 8, size: int = 224, iters: int = 3, k: i
     if memory:
         peaks = {}
         for (kind, name), step in steps.items():
-            with torch.set_grad_enabled(kind == 'train'): peaks[kind, name] = step_peak_memory_mb(step)
+            with torch.set_grad_enabled(kind == 'train'): peaks[kind, name] = step_peak_memory_mb(step, device)
         table['peak_mb'] = [peaks[kind, name] for kind, name in zip(table.kind, table['mode'])]
     for kind in table.kind.unique():
         rows_of_kind = table.kind == kind
@@ -179,6 +190,7 @@ def run_models_benchmark(args):
     """The `models` subcommand: print the table, then one JSON line with the headline ratios.
     Speed is measured on `--model` (else the checkpoint's model); decisions on the checkpoint's model and data."""
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     if not (args.model or args.checkpoint): raise MtabnError("pass --model NAME and/or --checkpoint CKPT")
     if args.data and not args.checkpoint: raise MtabnError("--data is for the decision check: pass --checkpoint too")
@@ -189,23 +201,27 @@ def run_models_benchmark(args):
     model = create_model(args.model, num_attributes=args.num_attributes) if args.model else trained
     size = args.size or (224 if args.model else config.get('image_size', 224))
     table, eval_models = benchmark_modes(model, args.batch, size, args.iters, args.attributes_per_pass,
-                                         compile=not args.no_compile, memory=not args.no_memory, include=include)
+                                         compile=not args.no_compile, memory=not args.no_memory, include=include, device=device)
     summary = dict(model=model.spec['name'], batch=args.batch, size=size, threads=args.threads, iters=args.iters,
+                   device=str(device), machine=machine_description(),
                    eval_speedup=None, train_speedup=None, train_peak_memory_ratio=None, decisions_equal=None)
     fastest = {kind: rows.loc[rows.images_per_s.idxmax()] for kind, rows in table.groupby('kind')}
     if 'eval' in fastest:
-        summary.update(eval_speedup=_rounded(fastest['eval'].speedup), fastest_eval_mode=fastest['eval']['mode'])
+        summary.update(eval_speedup=_rounded(fastest['eval'].speedup), fastest_eval_mode=fastest['eval']['mode'],
+                       eval_images_per_s=_rounded(fastest['eval'].images_per_s, 1))
     if 'train' in fastest:
         summary.update(train_speedup=_rounded(fastest['train'].speedup), fastest_train_mode=fastest['train']['mode'],
-                       train_peak_memory_ratio=_rounded(fastest['train'].get('memory_ratio')))
+                       train_peak_memory_ratio=_rounded(fastest['train'].get('memory_ratio')),
+                       train_images_per_s=_rounded(fastest['train'].images_per_s, 1), train_peak_mb=_rounded(fastest['train'].get('peak_mb'), 0))
     if args.checkpoint and args.data:
         decision_size = config.get('image_size') or size
-        images = list(test_batches(args.data, decision_size, args.batch, args.max_images,
-                                   args.transform or config.get('transform', 'eval')))
+        images = [batch.to(device) for batch in test_batches(args.data, decision_size, args.batch, args.max_images,
+                                                              args.transform or config.get('transform', 'eval'))]
         mode = fastest['eval']['mode']
         if trained is model: reference, candidate = eval_models['loop fp32'], eval_models[mode]
         else:
             options = eval_modes(args.attributes_per_pass)
+            trained = trained.to(device)
             reference = optimize_for_inference(trained, images[0], **options['loop fp32'])
             candidate = optimize_for_inference(trained, images[0], **options[mode])
         summary.update(decisions_equal=decisions_equal(reference, candidate, images), decision_mode=mode,
@@ -226,6 +242,7 @@ def models_command(parser):
     parser.add_argument('--size', type=int, help="image size of the speed measurement (default: 224 with --model, else the run's image_size)")
     parser.add_argument('--iters', type=int, default=3, help='timed batches per mode (after one warm-up)')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cpu', help="cpu, cuda or cuda:N (auto: a GPU if there is one)")
     parser.add_argument('--attributes-per-pass', type=_attributes_per_pass, default='auto',
                         help="attributes per layer4 call in the chunked modes: an integer or 'auto'")
     parser.add_argument('--max-images', type=int, default=256, help='test images for the decision check')
@@ -234,6 +251,41 @@ def models_command(parser):
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile mode')
     parser.add_argument('--no-memory', action='store_true', help='skip peak-memory measurements')
     parser.set_defaults(run=run_models_benchmark)
+
+# %% ../nbs/08_bench.ipynb #d541fc89
+def loader_images_per_s(data, image_size: int, workers: int, batch_size: int = 64, batches: int = 20,
+                        transform: str = 'fukui2019', split: str = 'train') -> float:
+    "Images/s a DataLoader with `workers` worker processes delivers from `split` (JPEG decoding + transform), first batch excluded."
+    from torch.utils.data import DataLoader
+    from multitask_abn.data import CelebADataset, get_transform
+    dataset = CelebADataset(data, split, transform=get_transform(transform, image_size, train=True))
+    loader = iter(DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                             generator=torch.Generator().manual_seed(0)))
+    next(loader)                                   # workers start and fill their queues
+    start, images = time.perf_counter(), 0
+    for _, (batch, _) in zip(range(batches), loader): images += len(batch)
+    return images / (time.perf_counter() - start)
+
+def run_loader_benchmark(args):
+    "The `loader` subcommand: images/s per worker count, and one JSON line."
+    torch.set_num_threads(args.threads)
+    rates = {workers: _rounded(loader_images_per_s(args.data, args.size, workers, args.batch, args.batches, args.transform), 1)
+             for workers in args.workers}
+    summary = dict(data=str(args.data), size=args.size, batch=args.batch, transform=args.transform,
+                   images_per_s_by_workers=rates, machine=machine_description())
+    print(json.dumps(summary))
+    return summary
+
+@subcommand('loader', 'Images/s of the training input pipeline (JPEG decoding + transform) per number of DataLoader workers')
+def loader_command(parser):
+    parser.add_argument('data', help='CelebA-layout folder')
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--batches', type=int, default=20, help='timed batches per worker count')
+    parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--transform', default='fukui2019', help='transform preset (its training augmentation)')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads of the main process')
+    parser.set_defaults(run=run_loader_benchmark)
 
 # %% ../nbs/08_bench.ipynb #de31779e
 # Only `python -m multitask_abn.bench` runs the command line. A Jupyter kernel runs this notebook as `__main__`

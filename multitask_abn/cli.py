@@ -87,15 +87,16 @@ def mtabn_train(
     image_size: int = None,  # input side in pixels
     lr: float = None,  # initial learning rate
     seed: int = None,  # random seed
-    precision: str = None,  # fp32, bf16 or fp16
+    precision: str = None,  # auto (bf16 on GPUs, the faster of fp32 and bf16 on CPUs), fp32, bf16 or fp16
     pretrained: str = None,  # 'imagenet' (torch hub cache) or a torchvision state_dict file
     device: str = None,  # auto, cpu, cuda or cuda:N
     workers: int = None,  # DataLoader worker processes
     checkpoint_every: int = None,  # also checkpoint every N optimiser steps
     set: Param("any other training option as NAME=VALUE, repeatable, VALUE read as JSON if it parses (e.g. "
-               "milestones=[3,6], use_pos_weight=true): attention_init, augment, channels_last, eval_batch_size, "
-               "focal_alpha, focal_gamma, loss, lr_gamma, max_eval_images, max_train_images, milestones, model_options, "
-               "momentum, nesterov, perception_mode, train_split, transform, use_pos_weight, valid_split, weight_decay",
+               "milestones=[3,6], use_pos_weight=true): attention_init, augment, channels_last, deterministic, eval_batch_size, "
+               "focal_alpha, focal_gamma, log_every, loss, lr_gamma, max_eval_images, max_train_images, milestones, "
+               "model_options (e.g. {\"attributes_per_pass\": 40}), momentum, nesterov, perception_mode, sync_batchnorm, "
+               "train_split, transform, use_pos_weight, valid_split, weight_decay",
                str, action='append') = None,
     resume: bool = False,  # continue the run in --out from its last checkpoint (or start it, when it has none yet)
     overwrite: bool = False,  # replace an earlier run in --out
@@ -104,13 +105,14 @@ def mtabn_train(
     "Train a recipe into a run folder (config.json, metrics.jsonl, TensorBoard events, checkpoints)."
     from dataclasses import fields
     from multitask_abn.analysis import parse_params
-    from multitask_abn.train import TrainConfig, command_line_flag, train
+    from multitask_abn.train import RECORDED_FIELDS, TrainConfig, command_line_flag, train
     with user_errors('mtabn_train'):
         if out is None: raise MtabnError("no run folder given: pass --out RUN_DIR")
         settings = parse_params(set)
         for name in settings:
             if name not in {f.name for f in fields(TrainConfig)}:
                 raise MtabnError(f"--set {name}=...: no such training option (see mtabn_train --help)")
+            if name in RECORDED_FIELDS: raise MtabnError(f"--set {name}=...: the run records it itself; it is not an option")
             if not command_line_flag(name).startswith('--set'):
                 raise MtabnError(f"--set {name}=...: {name} has a flag of its own, {command_line_flag(name)}")
             # train() reads None as "not given" (the recipe's value stays): say so rather than ignore it.
@@ -164,11 +166,12 @@ def mtabn_predict(
     image_size: int = None,  # input size (default: the checkpoint's, else 224)
     transform: str = None,  # fukui2019, recommended or eval (default: the checkpoint's, else fukui2019)
     no_grids: bool = False,  # write predictions.csv only
+    device: str = 'auto',  # auto, cpu, cuda or cuda:N
 ):
     "Predict the 40 attributes of image files: OUT/predictions.csv and an attention grid per image."
     from multitask_abn.explain import predict
     with user_errors('mtabn_predict'):
-        table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size,
+        table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size, device=device,
                         report=lambda message: print(f"mtabn_predict: {message}", file=sys.stderr))
     print(f"{len(table)} images -> {Path(out) / 'predictions.csv'}")
 
@@ -181,11 +184,12 @@ def mtabn_explain(
     metrics_images: int = 128,  # images the explanation metrics are measured on
     baseline: str = None,  # baseline run folder or checkpoint: also measure its Grad-CAM and Grad-CAM++
     mode: str = 'pos',  # attention map scaling: pos, neg or both
+    device: str = 'auto',  # auto, cpu, cuda or cuda:N
 ):
     "Attention grids and explanation metrics of a run -> RUN/explain/<split>/, and print the mean metrics beside the baselines."
     from multitask_abn.explain import explain_run
     with user_errors('mtabn_explain'):
-        summary = explain_run(run_dir, data, split=split, n=n, metrics_images=metrics_images, baseline=baseline, mode=mode)
+        summary = explain_run(run_dir, data, split=split, n=n, metrics_images=metrics_images, baseline=baseline, mode=mode, device=device)
     _print_explanation_means(summary, split)
 
 def _print_explanation_means(summary, split: str):

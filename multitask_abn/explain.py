@@ -26,6 +26,7 @@ from PIL import Image
 
 from .models import (atomic_write, attribute_logits, attribute_probabilities, inference_settings, load_model,
                                   saved_config)
+from .train import resolve_device
 from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, load_part_map, render_face,
                                  sample_attributes, synth_settings)
 
@@ -40,11 +41,12 @@ __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGI
            'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers', 'peak_location',
            'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred', 'deletion_insertion_curves',
            'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks', 'transform_preset', 'images_to_uint8',
-           'evaluating', 'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
-           'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map',
-           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
-           'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
-           'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
+           'evaluating', 'model_device', 'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits',
+           'cam_layer', 'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions',
+           'centre_map', 'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response',
+           'road_drop', 'explanation_records', 'summarize_explanations', 'explanation_table',
+           'plot_explanation_metrics', 'compare_explanations', 'iter_explanations', 'save_attention_grids',
+           'image_files', 'predict', 'explain_run']
 
 # %% ../nbs/05_explain.ipynb #f3c9fbc0
 SCALE_MODES = ('pos', 'neg', 'both')
@@ -404,9 +406,13 @@ class evaluating:
     def __exit__(self, *exc):
         self.model.train(self.was_training); torch.set_grad_enabled(self.grad)
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    "Where `model`'s weights are (a model without any, such as a test stand-in, runs on the CPU)."
+    return next(model.parameters(), torch.empty(0)).device
+
 def eval_output(model: torch.nn.Module, images: torch.Tensor):
     "`model`'s output for a CPU batch `images`, in eval mode without gradients, computed on the model's device."
-    with evaluating(model): return model(images.to(next(model.parameters()).device))
+    with evaluating(model): return model(images.to(model_device(model)))
 
 def explanations_from_output(images: torch.Tensor, output, preset: str, labels=None, names=None) -> list[Explanation]:
     "`Explanation`s (numpy copies) from model inputs and their `ABNOutput`."
@@ -471,7 +477,7 @@ def _layer_cams(model, images: torch.Tensor, targets: list[int], target_layer='l
     was_training = model.training
     try:
         with GridCAM(DecisionLogits(model), [cam_layer(model, target_layer)]) as cam, torch.enable_grad():
-            return cam(images, [ClassifierOutputTarget(t) for t in targets])
+            return cam(images.to(model_device(model)), [ClassifierOutputTarget(t) for t in targets])
     finally: model.train(was_training)
 
 def gradcam_saliency(model, images: torch.Tensor, attributes: list[int], target_layer='layer4',
@@ -658,7 +664,7 @@ def road_drop(model, t: int, image: torch.Tensor, saliency, percentiles=ROAD_PER
     model.eval()
     try:
         with torch.no_grad():
-            drops = [-float(ROADMostRelevantFirst(p)(image[None], as_numpy(saliency)[None], [_Probability(t)], DecisionLogits(model))[0])
+            drops = [-float(ROADMostRelevantFirst(p)(image[None].to(model_device(model)), as_numpy(saliency)[None], [_Probability(t)], DecisionLogits(model))[0])
                      for p in percentiles]
     finally: model.train(was_training)
     return float(np.mean(drops))
@@ -935,12 +941,13 @@ def _unique_name(stem: str, taken: set) -> str:
     return name
 
 def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, show_probs: bool = True,
-            transform: str | None = None, image_size: int | None = None, batch_size: int = 16, report=None) -> pd.DataFrame:
+            transform: str | None = None, image_size: int | None = None, batch_size: int = 16, report=None,
+            device: str = 'auto') -> pd.DataFrame:
     "Probabilities of the 40 attributes for image files/folders `paths` -> OUT/predictions.csv (+ attention grids)."
     report = report or (lambda message: print(message, file=sys.stderr))
     files = image_files(paths)
     if not files: raise MtabnError(f"no image files in {', '.join(map(str, paths))} (looked for {' '.join(IMAGE_SUFFIXES)})")
-    model = load_model(checkpoint)
+    model = load_model(checkpoint).to(resolve_device(device))
     if model.num_attributes != NUM_ATTRIBUTES:
         raise MtabnError(f"{checkpoint} predicts {model.num_attributes} attributes, not CelebA's {NUM_ATTRIBUTES}")
     preset, size = inference_settings(saved_config(checkpoint), transform, image_size)
@@ -988,7 +995,7 @@ def _counterfactuals_for(dataset: CelebADataset, regions: AttributeRegions, repo
 def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_images: int = 128, mode: str = 'pos',
                 baseline=None, cams=CAM_COMPARISONS, deletion_images: int = 4, road_images: int = 2, steps: int = 10, views=VIEW_ATTRIBUTES,
                 ground_truth: str = 'auto', counterfactual: bool = True, prior_split: str = 'train', progress: bool = True,
-                report=None) -> pd.DataFrame:
+                report=None, device: str = 'auto') -> pd.DataFrame:
     """Attention grids, attribute views and explanation metrics of ABN attention and of the `prior`, `centre` and `uniform`
     baselines (+ the `cams` of `baseline`), with counterfactual metrics on SynthCelebA -> RUN/explain/<split>/; returns the
     summary. Choices are made on `split='valid'`; measure `test` once per final recipe. The prior is fitted on `prior_split`."""
@@ -998,7 +1005,8 @@ def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_i
     data = data or config.get('data')
     if data is None: raise MtabnError(f"{run_dir} has no config.json naming its data: pass the data folder")
     out = run_dir/'explain'/split
-    model = load_model(run_dir)
+    device = resolve_device(device)
+    model = load_model(run_dir).to(device)
     dataset, preset = _dataset_for(config, data, split)
     examples = list(iter_explanations(model, dataset, n, preset, progress=progress))
     for e in examples: attention_grid(e, mode, show_probs=True).save(out/'attention_examples'/f"{Path(e.name).stem}.jpg")
@@ -1012,7 +1020,7 @@ def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_i
     records = [explanation_records(model, dataset, method, regions=regions, prior=prior, counterfactuals=pairs, **options)
                for method in ('attention', *BASELINE_METHODS)]
     if baseline is not None:
-        baseline_model, (baseline_dataset, _) = load_model(baseline), _dataset_for(saved_config(baseline), data, split)
+        baseline_model, (baseline_dataset, _) = load_model(baseline).to(device), _dataset_for(saved_config(baseline), data, split)
         baseline_regions = AttributeRegions(baseline_dataset, ground_truth)
         baseline_pairs = _counterfactuals_for(baseline_dataset, baseline_regions, report) if counterfactual else None
         records += [explanation_records(baseline_model, baseline_dataset, method, target_layer=layer, label=f'{method}_{layer}',

@@ -20,14 +20,14 @@ from .data import MtabnError, NUM_ATTRIBUTES
 
 # %% auto #0
 __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTION_DEFAULTS', 'EXACT_EXECUTION', 'STACK_BYTES',
-           'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE',
-           'SEED_PRESET_KEY', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
-           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset',
-           'create_model', 'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write',
-           'save_model', 'checkpoint_file', 'load_model', 'saved_config', 'inference_settings', 'from_seed_names',
-           'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
-           'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
-           'optimize_for_inference']
+           'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES',
+           'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset',
+           'Backbone', 'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'ABN', 'ResNetBaseline',
+           'list_models', 'resolve_preset', 'create_model', 'load_checkpoint', 'imagenet_weights_file',
+           'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config',
+           'inference_settings', 'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint',
+           'seed_model_name', 'save_seed_checkpoint', 'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm',
+           'compile_for_inference', 'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -162,7 +162,7 @@ class AttributeBatchNorm2d(nn.BatchNorm2d):
                 running.mul_((1 - f) ** k).add_(weights @ batch)
         self.num_batches_tracked.add_(k)
 
-# %% ../nbs/02_models.ipynb #0c2a2ebd
+# %% ../nbs/02_models.ipynb #7edd9306
 def synchronise_batchnorms(model: nn.Module) -> nn.Module:
     """Make every `AttributeBatchNorm2d` of `model` compute training statistics over all DDP processes' images (per
     attribute, as in one process), like `nn.SyncBatchNorm`, which cannot keep per-attribute statistics and runs on GPUs only."""
@@ -174,7 +174,13 @@ def synchronise_batchnorms(model: nn.Module) -> nn.Module:
 EXECUTION_DEFAULTS = dict(perception='chunked', attributes_per_pass='auto', linear_shortcut=True,
                           checkpoint_trunk=False, bf16=False, channels_last=False)
 EXACT_EXECUTION = ('perception', 'attributes_per_pass', 'linear_shortcut', 'checkpoint_trunk')   # kept in model.spec
-STACK_BYTES = 32 * 2**20
+STACK_BYTES = 32 * 2**20        # CPU: about a last-level cache, beyond which a bigger stack stops paying
+GPU_STACK_SHARE = 16            # GPU: 1/16 of its memory (all 40 attributes of ResNet-101 at 224 px, batch 64, from 40 GB)
+
+def stack_bytes(device: torch.device) -> int:
+    "How large the stacked layer4 input of `attributes_per_pass='auto'` may be on `device`."
+    if device.type == 'cuda': return torch.cuda.get_device_properties(device).total_memory // GPU_STACK_SHARE
+    return STACK_BYTES
 PERCEPTION_MODES = ('loop', 'chunked')
 
 def _init_like_resnet(*modules):
@@ -330,9 +336,9 @@ class ABN(_ExecutionMixin, ResNet):
         return self._head_shape(torch.einsum('btc,toc->bto', pooled, weight) + bias)
 
     def _chunk_size(self, features) -> int:
-        "Attributes per layer4 call: `attributes_per_pass`, or for 'auto' as many copies of `features` as fit in `STACK_BYTES`."
+        "Attributes per layer4 call: `attributes_per_pass`, or for 'auto' as many copies of `features` as `stack_bytes` allows."
         if self.attributes_per_pass != 'auto': return self.attributes_per_pass
-        return max(1, min(self.num_attributes, STACK_BYTES // (features.numel() * features.element_size())))
+        return max(1, min(self.num_attributes, stack_bytes(features.device) // (features.numel() * features.element_size())))
 
     def _set_attributes_per_pass(self, k: int):
         for m in self.layer4.modules():

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_train.ipynb #0cb4ba6f
 from __future__ import annotations
-import copy, json, math, os, platform, random, re, shutil, time
+import copy, datetime, json, math, os, platform, random, re, shutil, time
 from dataclasses import dataclass, field, asdict, fields, replace
 from itertools import islice
 from pathlib import Path
@@ -24,13 +24,13 @@ from .losses import LOSS_NAMES, make_loss
 from .metrics import AttributeMetrics, attribute_table, summarize, write_results
 
 # %% auto #0
-__all__ = ['RECIPES', 'OWN_FLAGS', 'PRECISIONS', 'CONFIG_CHECKS', 'PROBE_STEPS', 'BF16_MIN_SPEEDUP', 'CHECKPOINT_FORMAT',
-           'RESUMABLE_CHANGES', 'DEMO_IMAGES', 'TrainConfig', 'command_line_flag', 'check_config', 'config_from_dict',
-           'make_config', 'load_config', 'Processes', 'join_processes', 'resolve_device', 'configure_device',
-           'loader_options', 'autocast', 'machine_description', 'synchronize', 'probe_precision', 'choose_precision',
-           'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset', 'train_positive_frequency', 'evaluate',
-           'rng_states', 'set_rng_states', 'seed_everything', 'NonFiniteLoss', 'build_model', 'Learner', 'train',
-           'evaluate_run', 'format_results', 'run_demo']
+__all__ = ['RECIPES', 'OWN_FLAGS', 'RECORDED_FIELDS', 'PRECISIONS', 'CONFIG_CHECKS', 'PROBE_STEPS', 'BF16_MIN_SPEEDUP',
+           'CHECKPOINT_FORMAT', 'RESUMABLE_CHANGES', 'DEMO_IMAGES', 'TrainConfig', 'command_line_flag', 'check_config',
+           'config_from_dict', 'make_config', 'load_config', 'Processes', 'join_processes', 'resolve_device',
+           'configure_device', 'loader_options', 'autocast', 'machine_description', 'synchronize', 'probe_precision',
+           'choose_precision', 'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset', 'train_positive_frequency',
+           'evaluate', 'rng_states', 'set_rng_states', 'seed_everything', 'NonFiniteLoss', 'build_model', 'Learner',
+           'train', 'evaluate_run', 'format_results', 'run_demo']
 
 # %% ../nbs/04_train.ipynb #e7f43637
 @dataclass
@@ -95,6 +95,8 @@ RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 161, 'epochs': 6, 'milest
 # `progress` with --quiet and every other field with `--set NAME=VALUE`.
 OWN_FLAGS = ('recipe', 'model', 'data', 'epochs', 'batch_size', 'image_size', 'lr', 'seed', 'precision', 'pretrained',
              'device', 'workers', 'checkpoint_every')
+
+RECORDED_FIELDS = ('precision_probe',)   # filled in by the run itself, not options
 
 def command_line_flag(name: str) -> str:
     "How `mtabn_train` sets TrainConfig field `name`: `--batch-size`, `--quiet` or `--set NAME=VALUE` (error hints say so)."
@@ -196,7 +198,9 @@ def join_processes(device: str = 'auto') -> Processes:
     procs = Processes(int(os.environ.get('RANK', 0)), world, int(os.environ.get('LOCAL_RANK', 0)))
     if world > 1 and not dist.is_initialized():
         cuda = device != 'cpu' and torch.cuda.is_available()
-        dist.init_process_group('nccl' if cuda else 'gloo')
+        # NCCL's default 10 minutes can pass while rank 0 writes a checkpoint to a slow shared filesystem
+        timeout = datetime.timedelta(minutes=float(os.environ.get('MTABN_DIST_TIMEOUT_MIN', 30)))
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=timeout)
         procs.owns_group = True
     return procs
 
@@ -230,7 +234,7 @@ def autocast(device: torch.device, precision: str):
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-# %% ../nbs/04_train.ipynb #4c75309b
+# %% ../nbs/04_train.ipynb #b5ba9994
 PROBE_STEPS = 2          # timed training steps per precision, after one warm-up step
 BF16_MIN_SPEEDUP = 1.1   # bf16 must be this much faster than fp32 to be chosen
 
