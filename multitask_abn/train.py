@@ -73,6 +73,7 @@ class TrainConfig:
     log_every: int = 0                     # read the losses to the host every N steps (0: each step on CPU, 25 on GPUs)
     sync_batchnorm: bool = True            # under DDP: BatchNorm statistics over all processes' images
     deterministic: bool = False            # GPU: deterministic kernels, no cuDNN autotuning or TF32 (bitwise resume)
+    compile: bool = False                  # torch.compile the training forward (fewer launches on GPUs; minutes to compile)
     progress: bool = True                  # tqdm progress bars
 
     def to_json(self) -> str: return json.dumps(asdict(self), indent=1)
@@ -131,7 +132,7 @@ CONFIG_CHECKS = (
     ('transform', lambda v: v in PRESET_NORMALIZATION, f"one of {', '.join(PRESET_NORMALIZATION)}"),
     ('model_options', lambda v: isinstance(v, dict), 'a dict of create_model overrides'),
     # `--set NAME=VALUE` reads JSON, so a misspelt true/false would otherwise arrive as a (truthy) string.
-    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress', 'sync_batchnorm', 'deterministic')),
+    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress', 'sync_batchnorm', 'deterministic', 'compile')),
 )
 
 def check_config(config: TrainConfig) -> TrainConfig:
@@ -373,14 +374,14 @@ def seed_everything(seed: int):
 # %% ../nbs/04_train.ipynb #114258cc
 CHECKPOINT_FORMAT = 'multitask_abn.train/1'
 # Changing these on --resume changes neither the model nor the data order.
-RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'log_every', 'device', 'eval_batch_size')
+RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'log_every', 'device', 'eval_batch_size', 'compile')
 
 class NonFiniteLoss(MtabnError): "Training produced a NaN/inf loss or gradient and stopped; no weight was changed by it."
 
 def _all_finite(tensors) -> torch.Tensor:
     "One device-side flag: are all floating-point `tensors` finite (a single fused norm, no host synchronisation)?"
     floating = [t.detach() for t in tensors if t.is_floating_point()]
-    return torch.stack(torch._foreach_norm(floating)).float().norm().isfinite() if floating else torch.tensor(True)
+    return torch.nn.utils.get_total_norm(floating).isfinite() if floating else torch.tensor(True)
 
 def build_model(config: TrainConfig):
     "`create_model` with the config's model, initialisation and options."
@@ -416,6 +417,7 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == 'fp16')
         if procs.world > 1 and config.sync_batchnorm: synchronise_batchnorms(self.model)
         self.net = DistributedDataParallel(self.model) if procs.world > 1 else self.model
+        if config.compile: self.net = torch.compile(self.net)    # same weights and state dict: only the forward is compiled
         self.sampler = EpochSampler(self.train_ds, config.seed, procs)
         self.loader = DataLoader(SeededSamples(self.train_ds, config.seed), batch_size=config.batch_size // procs.world,
                                  sampler=self.sampler, drop_last=True, **loader_options(config.workers, self.device))

@@ -70,3 +70,11 @@ def test_ddp_style_evaluation_moves_counts_to_the_host(gpu_run):
     df, loss = evaluate(learner.model, learner.valid_ds, device=learner.device, loss_fn=learner.loss_fn,
                         train_frequency=learner.train_frequency)
     assert df.accuracy.dtype.kind == 'f' and loss > 0
+
+
+def test_compiled_training_step_on_the_gpu(synth, tmp_path):
+    config = make_config('demo', data=str(synth), **{**GPU, 'epochs': 1}, max_train_images=128, precision='bf16')
+    plain, compiled = train(config, tmp_path / 'plain'), train(replace(config, compile=True), tmp_path / 'compiled')
+    a, b = final_weights(plain), final_weights(compiled)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=0.05, atol=0.05) for k in a if a[k].is_floating_point())
