@@ -237,10 +237,15 @@ def mtabn_demo(
     metrics_images: int = 64,  # test images the explanation metrics are measured on
 ):
     "Train, evaluate, explain and report on SynthCelebA (or the CelebA-layout folder given): the workbook end to end."
-    from multitask_abn.train import run_demo
+    import time
+    from multitask_abn.train import machine_description, run_demo
     from multitask_abn.explain import explain_run
     from multitask_abn.analysis import write_report
+    start = time.perf_counter()
     with user_errors('mtabn_demo'):
         run_demo(data, out, n=n, recipe=recipe)
         _print_explanation_means(explain_run(out, data, split='test', n=8, metrics_images=metrics_images), 'test')
         print(f"report: {write_report([out], report or Path(out)/'report')}")
+    machine = machine_description()
+    print(f"mtabn_demo: {time.perf_counter() - start:.0f} s in all (data, training, evaluation, explanations, report) "
+          f"on {machine['cpu']}, {machine['cores']} cores" + (f", {machine['gpus'][0]}" if machine['gpus'] else ''))

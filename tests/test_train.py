@@ -308,3 +308,4 @@ def test_demo_learns(tmp_path, console):
           f"{summary['majority_baseline_mean_accuracy']:.4f}, {good} attributes >= 90 %")
     assert summary['mean_accuracy'] >= summary['majority_baseline_mean_accuracy'] + 0.08
     assert good >= 10
+    assert re.search(r'mtabn_demo: \d+ s in all .* on .+, \d+ cores', result.stdout.splitlines()[-1]), result.stdout[-500:]
