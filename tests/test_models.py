@@ -1,5 +1,5 @@
 "Registry sweep, exact execution modes, reference-checkpoint import/export and loading rules of `multitask_abn.models`."
-import argparse, json, os
+import argparse, dataclasses, json, os
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ from multitask_abn.models import (PRESETS, ABNOutput, attribute_logits, create_m
                                   load_seed_checkpoint, optimize_for_inference, save_model, save_seed_checkpoint)
 
 SEED_KEYS = Path(__file__).parent / 'data' / 'seed_state_dict_keys'
+REFERENCE_ARGS = json.loads((Path(__file__).parent / 'data' / 'reference_args.json').read_text())   # see data/README.md
 SEED_MODELS = {'mtabn_v1_resnet18': 'abn_v1_resnet18', 'mtabn_v1_resnet50': 'abn_v1_resnet50',
                'mtabn_v1_resnet101': 'abn_v1_resnet101', 'mtabn_v2_resnet18': 'abn_v2_resnet18',
                'mtabn_v2_resnet101': 'abn_v2_resnet101', 'resnet18': 'resnet18', 'resnet101': 'resnet101'}
@@ -123,13 +124,15 @@ def test_bf16_training_step_runs():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def reference_checkpoint(path: Path, seed_name: str, seed: int = 0, **extra) -> dict:
+def reference_checkpoint(path: Path, seed_name: str, seed: int = 0, args: dict | None = None, **extra) -> dict:
+    "A checkpoint as the reference's training script leaves it: the file, and its args.json beside it (`args`: changes)."
     shapes = json.loads((SEED_KEYS / f'{seed_name}.json').read_text())
     state = fake_seed_state_dict(shapes, seed=seed)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), [4, 8])
     torch.save({'epoch': 7, 'iteration': 123, 'best_score': 0.91, 'model_state_dict': state,
                 'optimizer_state_dict': {'state': {}, 'param_groups': []},
                 'scheduler_state_dict': scheduler.state_dict(), **extra}, path)
+    (path.parent / 'args.json').write_text(json.dumps({**REFERENCE_ARGS, 'model': seed_name, **(args or {})}, indent=4))
     return state
 
 
@@ -153,8 +156,7 @@ def test_reference_checkpoint_round_trip_is_exact(tmp_path, seed_name):
 
 
 def test_reference_options_from_args_json(tmp_path):
-    reference_checkpoint(tmp_path / 'checkpoint-latest.pt', 'mtabn_v2_resnet18')
-    (tmp_path / 'args.json').write_text(json.dumps({'model': 'mtabn_v2_resnet18', 'residual_attention': True, 'lr': 0.01}))
+    reference_checkpoint(tmp_path / 'checkpoint-latest.pt', 'mtabn_v2_resnet18', args=dict(residual_attention=True))
     model = load_seed_checkpoint(tmp_path / 'checkpoint-latest.pt')
     assert model.preset.residual_attention and model.preset.perception_head == 'softmax2'
     assert not load_seed_checkpoint(tmp_path / 'checkpoint-latest.pt', residual_attention=False).preset.residual_attention
@@ -162,6 +164,29 @@ def test_reference_options_from_args_json(tmp_path):
     custom = create_model('abn_v1_resnet10', num_attributes=3, attention_pooling='max', attention_activation='sigmoid')
     save_seed_checkpoint(custom, tmp_path / 'custom' / 'checkpoint.pt')
     assert load_seed_checkpoint(tmp_path / 'custom' / 'checkpoint.pt').preset == custom.preset
+
+
+def test_weights_without_args_json_do_not_choose_the_model(tmp_path):
+    "The weights show neither attention pooling, activation nor residual attention: without args.json, one line says so."
+    depthwise = create_model('abn_v1_resnet10', num_attributes=3, attention_depthwise=True)   # avg pooling, no sigmoid
+    save_seed_checkpoint(depthwise, tmp_path / 'checkpoint-best.pt')
+    (tmp_path / 'args.json').unlink()
+    for load in (load_seed_checkpoint, load_model):
+        with pytest.raises(MtabnError, match=r"checkpoint-best.pt: the weights show a depthwise attention conv, 1 logit per "
+                                             r"attribute but not attention_activation, attention_pooling, residual_attention"):
+            load(tmp_path / 'checkpoint-best.pt')
+    named = load_seed_checkpoint(tmp_path / 'checkpoint-best.pt', name='abn_v1_resnet10', attention_depthwise=True)
+    assert named.preset == depthwise.preset
+    (tmp_path / 'args.json').write_text(json.dumps({'model': 'abn_mitsuhara2020_resnet10'}))    # a registry name settles it
+    assert load_model(tmp_path / 'checkpoint-best.pt').preset == PRESETS['mitsuhara2020']
+    # the reference's own args.json: its model name, and residual_attention, which it always writes
+    (tmp_path / 'v1').mkdir()
+    reference_checkpoint(tmp_path / 'v1' / 'checkpoint-best.pt', 'mtabn_v1_resnet18', args=dict(residual_attention=True))
+    assert load_model(tmp_path / 'v1' / 'checkpoint-best.pt').preset == dataclasses.replace(PRESETS['v1'], residual_attention=True)
+    (tmp_path / 'v1' / 'args.json').write_text(json.dumps({'model': 'mtabn_v1_resnet18'}))
+    with pytest.raises(MtabnError, match='names mtabn_v1_resnet18 but not residual_attention'): load_model(tmp_path / 'v1' / 'checkpoint-best.pt')
+    (tmp_path / 'v1' / 'args.json').write_text(json.dumps({**REFERENCE_ARGS, 'model': 'mtabn_v3_resnet18'}))
+    with pytest.raises(MtabnError, match="names model 'mtabn_v3_resnet18', which is neither"): load_model(tmp_path / 'v1' / 'checkpoint-best.pt')
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -176,7 +201,7 @@ def test_wrong_architecture_lists_the_mismatch(tmp_path):
     with pytest.raises(MtabnError, match='other shape'): load_seed_checkpoint(tmp_path / 'r18.pt', name='abn_v2_resnet18')
     truncated = json.loads((SEED_KEYS / 'mtabn_v1_resnet18.json').read_text())
     truncated.pop('module.layer4_att.1.conv2.weight')
-    torch.save({'model_state_dict': fake_seed_state_dict(truncated)}, tmp_path / 'truncated.pt')
+    torch.save({'model_state_dict': fake_seed_state_dict(truncated)}, tmp_path / 'truncated.pt')   # beside r18.pt's args.json
     with pytest.raises(MtabnError, match='layer4_att.1.conv2.weight'): load_seed_checkpoint(tmp_path / 'truncated.pt')
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(MtabnError, match='not a readable'): load_model(tmp_path / 'junk.pt')
