@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #a4c3bd71
 from __future__ import annotations
-import contextlib, copy, json, os, pickle, re, secrets
+import contextlib, copy, hashlib, json, os, pickle, re, secrets
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -19,13 +19,14 @@ from .data import MtabnError, NUM_ATTRIBUTES
 
 # %% auto #0
 __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTION_DEFAULTS', 'EXACT_EXECUTION', 'STACK_BYTES',
-           'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE',
-           'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS', 'UNSEEN_PRESET_FIELDS', 'ABNOutput', 'attribute_logits',
-           'attribute_probabilities', 'ABNPreset', 'Backbone', 'AttributeBatchNorm2d', 'ABN', 'ResNetBaseline',
-           'list_models', 'resolve_preset', 'create_model', 'load_checkpoint', 'imagenet_weights_file',
-           'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config',
-           'inference_settings', 'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint',
-           'seed_model_name', 'save_seed_checkpoint', 'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm',
+           'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'THRESHOLDS_FILE', 'SEED_PREFIX', 'SEED_RENAMES',
+           'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS', 'UNSEEN_PRESET_FIELDS', 'ABNOutput',
+           'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone', 'AttributeBatchNorm2d', 'ABN',
+           'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model', 'load_checkpoint',
+           'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file',
+           'load_model', 'saved_config', 'inference_settings', 'thresholds_file', 'file_sha256', 'read_thresholds',
+           'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name',
+           'save_seed_checkpoint', 'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm',
            'compile_for_inference', 'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
@@ -489,6 +490,31 @@ def inference_settings(config: dict, transform: str | None = None, image_size: i
     """(transform preset, image size) to feed a model whose `saved_config` is `config`: the arguments, else what
     it was trained with, else the reference's."""
     return transform or config.get('transform', REFERENCE_INPUT[0]), image_size or config.get('image_size', REFERENCE_INPUT[1])
+
+# %% ../nbs/02_models.ipynb #e0273af1
+THRESHOLDS_FILE = 'thresholds.json'
+
+def thresholds_file(path) -> Path:
+    "Where a model's tuned thresholds live: RUN/thresholds.json (a run folder or a checkpoint in one), else CHECKPOINT_thresholds.json."
+    path = Path(path)
+    if path.is_dir(): return path / THRESHOLDS_FILE
+    if path.parent.name == 'checkpoints' and (path.parent.parent / 'config.json').is_file(): return path.parent.parent / THRESHOLDS_FILE
+    return path.parent / f'{path.stem}_{THRESHOLDS_FILE}'
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2**20), b''): digest.update(block)
+    return digest.hexdigest()
+
+def read_thresholds(path, split: str = 'valid') -> dict | None:
+    "The saved thresholds of the model at `path` (run folder or checkpoint) tuned on `split`, or None (none, or another checkpoint's)."
+    file = thresholds_file(path)
+    if not file.is_file(): return None
+    try: saved = json.loads(file.read_text())
+    except json.JSONDecodeError as e: raise MtabnError(f"{file}: not valid JSON ({e}); delete it to tune the thresholds again") from None
+    if saved.get('split') != split or saved.get('checkpoint_sha256') != file_sha256(checkpoint_file(path)): return None
+    return saved
 
 # %% ../nbs/02_models.ipynb #469c6ec2
 SEED_PREFIX = 'module.'

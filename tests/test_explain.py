@@ -260,7 +260,7 @@ def test_predict_reads_odd_image_modes_like_their_rgb_equivalents(checkpoint, tm
     np.testing.assert_allclose(probs['palette.png'], probs['palette_as_rgb.png'], atol=1e-6)
     assert 'cmyk.jpg' in probs
     written = pd.read_csv(tmp_path/'out'/'predictions.csv')
-    assert list(written.columns) == ['path', *CELEBA_ATTRIBUTES] and len(written) == 8
+    assert list(written.columns) == ['path', *CELEBA_ATTRIBUTES, *(f'{a}_score' for a in CELEBA_ATTRIBUTES)] and len(written) == 8
     assert sorted(p.name for p in (tmp_path/'out'/'attention').iterdir()) == sorted(f'{Path(n).stem}.jpg' for n in probs)
 
 
@@ -291,7 +291,8 @@ def test_mtabn_predict_with_a_reference_checkpoint(console, tmp_path):
     table = pd.read_csv(tmp_path/'out'/'predictions.csv')
     x = get_transform('fukui2019', 64)(Image.open(tmp_path/'face.png').convert('RGB'))[None]   # the references' transform
     with torch.no_grad(): expected = torch.sigmoid(model(x).perception)[0].numpy()
-    np.testing.assert_allclose(table[list(CELEBA_ATTRIBUTES)].to_numpy()[0], expected, atol=1e-5)
+    np.testing.assert_allclose(table[[f'{a}_score' for a in CELEBA_ATTRIBUTES]].to_numpy()[0], expected, atol=1e-5)
+    np.testing.assert_array_equal(table[list(CELEBA_ATTRIBUTES)].to_numpy()[0], (expected >= 0.5).astype(int))
     assert (tmp_path/'out'/'attention'/'face.jpg').is_file()
 
 
