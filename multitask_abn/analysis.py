@@ -33,15 +33,15 @@ from .models import atomic_write
 
 # %% auto #0
 __all__ = ['PER_ATTRIBUTE_COLUMNS', 'ATTRIBUTE_METRICS', 'SYNTH_MARKERS', 'CELEBA_TEST_IMAGES', 'METRIC_LABELS', 'CURVE_PANELS',
-           'CURVE_LABELS', 'PUBLISHED_RESULTS', 'IMAGE_SUFFIXES', 'REPORT_CSS', 'DISPLAY_NAMES', 'EXPLANATION_TABLE',
-           'GRID_LEGEND', 'EXPLANATION_TABLE_LEGEND', 'CALIBRATION_LEGEND', 'README_IMAGE_BYTES', 'README_IMAGES',
-           'write_fake_run', 'find_runs', 'data_kind', 'read_config', 'read_epochs', 'eval_folder', 'read_eval',
-           'read_summary', 'Runs', 'load_runs', 'majority_class_says_yes', 'majority_baseline', 'select_attributes',
-           'plot_attribute_metric', 'plot_run_comparison', 'plot_run_delta', 'plot_branches', 'plot_training_curves',
-           'real_celeba_test_results', 'plot_published_comparison', 'parse_grid', 'parse_params', 'point_name',
-           'is_finished', 'Sweep', 'run_sweep', 'varying_config', 'config_table', 'headline_table',
-           'per_attribute_table', 'find_explain_outputs', 'write_report', 'figure_image', 'small_png',
-           'first_attention_grid', 'write_readme_images']
+           'CURVE_LABELS', 'PUBLISHED_RESULTS', 'SWEEP_PATH_PARAMETERS', 'IMAGE_SUFFIXES', 'REPORT_CSS',
+           'DISPLAY_NAMES', 'EXPLANATION_TABLE', 'GRID_LEGEND', 'EXPLANATION_TABLE_LEGEND', 'CALIBRATION_LEGEND',
+           'README_IMAGE_BYTES', 'README_IMAGES', 'write_fake_run', 'find_runs', 'data_kind', 'read_config',
+           'read_epochs', 'eval_folder', 'read_eval', 'read_summary', 'Runs', 'load_runs', 'majority_class_says_yes',
+           'majority_baseline', 'select_attributes', 'plot_attribute_metric', 'plot_run_comparison', 'plot_run_delta',
+           'plot_branches', 'plot_training_curves', 'real_celeba_test_results', 'plot_published_comparison',
+           'parse_grid', 'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep', 'varying_config',
+           'config_table', 'headline_table', 'per_attribute_table', 'find_explain_outputs', 'write_report',
+           'figure_image', 'small_png', 'first_attention_grid', 'write_readme_images']
 
 # %% ../nbs/06_analysis.ipynb #2dd27087
 PER_ATTRIBUTE_COLUMNS = ('attribute', 'branch', 'accuracy', 'balanced_accuracy', 'precision', 'recall', 'f1',
@@ -534,11 +534,21 @@ class Sweep:
     runs: Runs
     def __repr__(self): return f"Sweep({self.status.status.value_counts().to_dict()}, {self.runs!r})"
 
+# Notebook parameters that name files or folders. The notebook runs in its own folder (nbs/, as under nbdev_test), so
+# run_sweep makes relative ones absolute against the caller's working directory, where the user wrote them.
+SWEEP_PATH_PARAMETERS = ('data',)
+
+def _caller_paths(values: dict, names=SWEEP_PATH_PARAMETERS) -> dict:
+    "`values` with the relative paths among `names` resolved against the current working directory."
+    return {k: str(Path(v).expanduser().resolve()) if k in names and isinstance(v, str) else v for k, v in values.items()}
+
 def run_sweep(grid, out_dir, notebook='nbs/train_run.ipynb', params=None, kernel_name: str = 'python3',
-              execution_timeout: int | None = None, report: bool = False, verbose: bool = True) -> Sweep:
-    "Execute `notebook` with papermill for each grid point (one run folder each), skip finished runs, go on after failures."
+              execution_timeout: int | None = None, report: bool = False, verbose: bool = True,
+              path_params=SWEEP_PATH_PARAMETERS) -> Sweep:
+    """Execute `notebook` with papermill for each grid point (one run folder each), skip finished runs, go on after failures.
+    Relative paths in the `path_params` parameters (and `out_dir`) are taken from the caller's working directory."""
     import papermill
-    notebook, points, fixed = _resolve_notebook(notebook), parse_grid(grid), parse_params(params)
+    notebook, points, fixed = _resolve_notebook(notebook), parse_grid(grid), _caller_paths(parse_params(params), path_params)
     known = papermill.inspect_notebook(str(notebook))
     for name in {*fixed, *itertools.chain.from_iterable(points), 'out'}:
         if name not in known:
@@ -554,7 +564,8 @@ def run_sweep(grid, out_dir, notebook='nbs/train_run.ipynb', params=None, kernel
         if not is_finished(run_dir):
             start = time.monotonic()
             try:
-                papermill.execute_notebook(str(notebook), str(executed), parameters={**fixed, **point, 'out': str(run_dir)},
+                parameters = {**fixed, **_caller_paths(point, path_params), 'out': str(run_dir)}
+                papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
                                            kernel_name=kernel_name, cwd=str(notebook.parent), progress_bar=False,
                                            execution_timeout=execution_timeout)
                 row['status'] = 'ran' if is_finished(run_dir) else 'failed'

@@ -137,7 +137,7 @@ def attribute_table(df: pd.DataFrame) -> pd.DataFrame:
     wide['positives'] = per.support
     return wide.loc[list(per.index)]
 
-# %% ../nbs/03b_metrics.ipynb #7e23d999
+# %% ../nbs/03b_metrics.ipynb #31be64ba
 THRESHOLD_CRITERIA = ('accuracy', 'balanced_accuracy')
 THRESHOLDS = ('default', *THRESHOLD_CRITERIA)   # what eval/predict/report decide with: logit >= 0, or tuned for a metric
 

@@ -491,7 +491,7 @@ def inference_settings(config: dict, transform: str | None = None, image_size: i
     it was trained with, else the reference's."""
     return transform or config.get('transform', REFERENCE_INPUT[0]), image_size or config.get('image_size', REFERENCE_INPUT[1])
 
-# %% ../nbs/02_models.ipynb #e0273af1
+# %% ../nbs/02_models.ipynb #fd962cef
 THRESHOLDS_FILE = 'thresholds.json'
 
 def thresholds_file(path) -> Path:

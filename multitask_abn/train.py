@@ -621,7 +621,7 @@ def format_results(df, summary: dict) -> str:
                f"thresholds tuned for {summary['thresholds']} on the {summary['thresholds_split']} split"
                + (' (this split: optimistic)' if summary['thresholds_split'] == summary['split'] else '')))
 
-# %% ../nbs/04_train.ipynb #ac26485c
+# %% ../nbs/04_train.ipynb #aeb6d794
 def _means(logits, targets, thresholds=None) -> dict:
     "Mean accuracy and balanced accuracy of the decisions `logit >= thresholds`, counted from kept logits."
     metrics = AttributeMetrics(thresholds=thresholds)
