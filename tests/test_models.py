@@ -239,9 +239,19 @@ def test_our_checkpoints(tmp_path):
     with pytest.raises(MtabnError, match='without checkpoints'): load_model(tmp_path)
 
 
+def test_decisions_equal_counts_agreeing_decisions():
+    "Known answers: a model against itself agrees everywhere; flipping one attribute's logit sign of four disagrees on a quarter."
+    from multitask_abn.bench import decisions_equal
+    logits = torch.tensor([[1., -2., 3., -4.], [-1., 2., -3., 4.]])
+    same = lambda x: ABNOutput(x, None, None)
+    flipped = lambda x: ABNOutput(x * torch.tensor([1., 1., 1., -1.]), None, None)
+    assert decisions_equal(same, same, [logits, logits]) == 1.0
+    assert decisions_equal(same, flipped, [logits, logits]) == 0.75
+
+
 @pytest.mark.slow
 def test_bench_decision_check_on_a_run_folder(tmp_path, capsys):
-    from multitask_abn.bench import main
+    from multitask_abn.bench import decisions_equal, eval_modes, main, test_batches
     from multitask_abn.synth import make_synth_celeba
     data = make_synth_celeba(tmp_path / 'synth', n=30, seed=1)
     model = create_model('abn_v1_resnet10', num_attributes=4)
@@ -254,15 +264,23 @@ def test_bench_decision_check_on_a_run_folder(tmp_path, capsys):
     from multitask_abn.data import CelebADataset
     test_images = len(CelebADataset(data, split='test'))
     assert summary['size'] == 32 and summary['decision_images'] == min(4, test_images - test_images % 2)
-    assert 0.5 <= summary['decisions_equal'] <= 1
-    assert summary['eval_speedup'] > 0 and summary['train_speedup'] > 0
+    # the fastest mode is fastest among modes that include the reference (speedup 1), and its decisions are counted
+    for kind in ('eval', 'train'):
+        assert summary[f'{kind}_speedup'] >= 1 and (summary[f'{kind}_speedup'] == 1) == (summary[f'fastest_{kind}_mode'] == 'loop fp32')
+    options = eval_modes('auto')
+    images = list(test_batches(data, 32, 2, 4))
+    recount = decisions_equal(optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options['loop fp32']),
+                              optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options[summary['decision_mode']]), images)
+    assert summary['decisions_equal'] == recount
     assert summary['train_peak_memory_ratio'] is None   # --no-memory
     combined = main(['models', '--model', 'abn_v2_resnet10', '--num-attributes', '3', '--size', '48', '--checkpoint',
                      str(tmp_path / 'run'), '--data', str(data), '--batch', '2', '--iters', '1', '--kind', 'eval',
                      '--no-compile', '--no-memory', '--max-images', '4'])
     assert combined['model'] == 'abn_v2_resnet10' and combined['size'] == 48
     assert combined['decision_model'] == 'abn_v1_resnet10' and combined['decision_size'] == 32
-    assert 0.5 <= combined['decisions_equal'] <= 1
+    assert combined['decisions_equal'] == decisions_equal(
+        optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options['loop fp32']),
+        optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options[combined['decision_mode']]), images)
     capsys.readouterr()
     with pytest.raises(SystemExit): main(['models', '--model', 'abn_v2_resnet10', '--data', str(data)])
     assert 'pass --checkpoint too' in capsys.readouterr().err
