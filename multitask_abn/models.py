@@ -26,8 +26,8 @@ __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTI
            'imagenet_weights_file', 'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file',
            'load_model', 'saved_config', 'inference_settings', 'thresholds_file', 'file_sha256', 'read_thresholds',
            'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name',
-           'save_seed_checkpoint', 'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm',
-           'compile_for_inference', 'optimize_for_inference']
+           'save_seed_checkpoint', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
+           'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -642,16 +642,6 @@ def save_seed_checkpoint(model: nn.Module, path, epoch: int = 0, iteration: int 
             'residual_attention': model.preset.residual_attention, SEED_PRESET_KEY: _preset_spec(model.preset)}
     atomic_write(path.parent / SEED_ARGS_FILE, json.dumps(args, indent=4))
     return path
-
-# %% ../nbs/02_models.ipynb #85972ae5
-def fake_seed_state_dict(shapes: dict, seed: int = 0) -> dict:
-    "A random state_dict with the given key -> shape list (positive variances, integer batch counters)."
-    g = torch.Generator().manual_seed(seed)
-    def tensor(key, shape):
-        if key.endswith('num_batches_tracked'): return torch.tensor(int(torch.randint(1, 1000, (), generator=g)))
-        value = torch.randn(shape, generator=g)
-        return value.abs() + 0.5 if key.endswith('running_var') else value
-    return {k: tensor(k, v) for k, v in shapes.items()}
 
 # %% ../nbs/02_models.ipynb #f15e25da
 def _relative_difference(a, b) -> float:

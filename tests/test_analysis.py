@@ -10,9 +10,10 @@ import pytest
 
 from multitask_abn.analysis import (GRID_LEGEND, PUBLISHED_RESULTS, README_IMAGE_BYTES, README_IMAGES, load_runs,
                                     plot_attribute_metric, plot_branches, plot_published_comparison, plot_run_comparison,
-                                    plot_run_delta, plot_training_curves, run_sweep, write_fake_run, write_readme_images,
+                                    plot_run_delta, plot_training_curves, run_sweep, write_readme_images,
                                     write_report)
 from multitask_abn.data import CELEBA_ATTRIBUTES, MtabnError
+from helpers import write_fake_run
 
 T = len(CELEBA_ATTRIBUTES)
 PROJECT = Path(__file__).resolve().parent.parent

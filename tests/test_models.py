@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from multitask_abn.data import MtabnError
+from helpers import fake_seed_state_dict
 from multitask_abn.models import (PRESETS, ABNOutput, attribute_logits, create_model, execution_differences,
-                                  fake_seed_state_dict, fold_batchnorm, list_models, load_model,
+                                  fold_batchnorm, list_models, load_model,
                                   load_seed_checkpoint, optimize_for_inference, save_model, save_seed_checkpoint)
 
 SEED_KEYS = Path(__file__).parent / 'data' / 'seed_state_dict_keys'

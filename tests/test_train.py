@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from helpers import numpy_calibration_error
+from helpers import fake_seed_state_dict, numpy_calibration_error
 from multitask_abn.analysis import write_report
 from multitask_abn.cli import mtabn_eval, mtabn_predict, mtabn_train
 from multitask_abn.data import CELEBA_ATTRIBUTES, CelebADataset, MtabnError, get_transform, load_image
 from multitask_abn.explain import predict
-from multitask_abn.models import create_model, fake_seed_state_dict, load_checkpoint, load_model, save_model
+from multitask_abn.models import create_model, load_checkpoint, load_model, save_model
 from multitask_abn.synth import make_synth_celeba
 from multitask_abn.train import Learner, NonFiniteLoss, evaluate, evaluate_run, load_config, make_config, train
 
