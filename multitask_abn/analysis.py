@@ -28,74 +28,26 @@ from PIL import Image
 
 import multitask_abn
 from .data import CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, MtabnError
+from .metrics import check_thresholds
 from .models import atomic_write
 
 # %% auto #0
 __all__ = ['PER_ATTRIBUTE_COLUMNS', 'ATTRIBUTE_METRICS', 'SYNTH_MARKERS', 'CELEBA_TEST_IMAGES', 'METRIC_LABELS', 'CURVE_PANELS',
-           'CURVE_LABELS', 'PUBLISHED_RESULTS', 'IMAGE_SUFFIXES', 'REPORT_CSS', 'DISPLAY_NAMES', 'EXPLANATION_TABLE',
-           'GRID_LEGEND', 'EXPLANATION_TABLE_LEGEND', 'README_IMAGE_BYTES', 'README_IMAGES', 'write_fake_run',
-           'find_runs', 'data_kind', 'read_config', 'read_epochs', 'read_eval', 'read_summary', 'Runs', 'load_runs',
-           'majority_class_says_yes', 'majority_baseline', 'select_attributes', 'plot_attribute_metric',
-           'plot_run_comparison', 'plot_run_delta', 'plot_branches', 'plot_training_curves', 'real_celeba_test_results',
-           'plot_published_comparison', 'parse_grid', 'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep',
-           'varying_config', 'config_table', 'headline_table', 'per_attribute_table', 'find_explain_outputs',
-           'write_report', 'figure_image', 'small_png', 'first_attention_grid', 'write_readme_images']
+           'CURVE_LABELS', 'PUBLISHED_RESULTS', 'SWEEP_PATH_PARAMETERS', 'IMAGE_SUFFIXES', 'REPORT_CSS',
+           'DISPLAY_NAMES', 'EXPLANATION_TABLE', 'GRID_LEGEND', 'EXPLANATION_TABLE_LEGEND', 'CALIBRATION_LEGEND',
+           'README_IMAGE_BYTES', 'README_IMAGES', 'find_runs', 'data_kind', 'read_config', 'read_epochs', 'eval_folder',
+           'read_eval', 'read_summary', 'Runs', 'load_runs', 'majority_class_says_yes', 'majority_baseline',
+           'select_attributes', 'plot_attribute_metric', 'plot_run_comparison', 'plot_run_delta', 'plot_branches',
+           'plot_training_curves', 'real_celeba_test_results', 'plot_published_comparison', 'parse_grid',
+           'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep', 'varying_config', 'config_table',
+           'headline_table', 'per_attribute_table', 'find_explain_outputs', 'write_report', 'figure_image', 'small_png',
+           'first_attention_grid', 'write_readme_images']
 
 # %% ../nbs/06_analysis.ipynb #2dd27087
 PER_ATTRIBUTE_COLUMNS = ('attribute', 'branch', 'accuracy', 'balanced_accuracy', 'precision', 'recall', 'f1',
                          'support', 'num_images', 'positive_frequency', 'majority_baseline_accuracy')
 ATTRIBUTE_METRICS = ('accuracy', 'balanced_accuracy', 'precision', 'recall', 'f1')
 
-def _rates_to_metrics(tpr, tnr, p):
-    "Per-attribute metrics of a classifier with true-positive rate `tpr`, true-negative rate `tnr` at positive frequency `p`."
-    predicted_positive = p * tpr + (1 - p) * (1 - tnr)
-    precision = np.divide(p * tpr, predicted_positive, out=np.zeros_like(p), where=predicted_positive > 0)
-    f1 = np.divide(2 * precision * tpr, precision + tpr, out=np.zeros_like(p), where=(precision + tpr) > 0)
-    return dict(accuracy=p * tpr + (1 - p) * tnr, balanced_accuracy=(tpr + tnr) / 2,
-                precision=precision, recall=tpr, f1=f1)
-
-def write_fake_run(run_dir, *, model='abn_v1_resnet18', recipe='v1', data='/nonexistent/SynthCelebA', seed=0,
-                   epochs=3, splits=('valid', 'test'), attention=True, skill=0.7, num_images=500) -> Path:
-    "Write a well-formed run folder with made-up, self-consistent numbers (test and demo data for this module)."
-    run, rng = Path(run_dir), np.random.default_rng(seed)
-    run.mkdir(parents=True, exist_ok=True)
-    config = dict(recipe=recipe, model=model, data=str(data), image_size=64, epochs=epochs, batch_size=8,
-                  lr=0.01, milestones=[4, 8], seed=seed)
-    (run / 'config.json').write_text(json.dumps(config, indent=2))
-    with open(run / 'metrics.jsonl', 'w') as f:
-        for epoch in range(1, epochs + 1):
-            loss = 0.25 + 0.5 * math.exp(-epoch / (1 + 2 * skill)) + rng.normal(0, 0.01)
-            f.write(json.dumps(dict(
-                epoch=epoch, step=epoch * 100, lr=0.01 * 0.1 ** ((epoch - 1) // 4), train_loss=loss,
-                train_perception_loss=loss / 2, train_attention_loss=loss / 2, valid_loss=loss + 0.05,
-                valid_mean_accuracy=0.75 + 0.2 * skill - 0.1 / epoch, valid_mean_balanced_accuracy=0.5 + 0.3 * skill - 0.2 / epoch,
-                valid_attention_mean_accuracy=0.73 + 0.2 * skill - 0.1 / epoch if attention else None, epoch_time_s=60.0)) + '\n')
-    # Attribute frequencies are a property of the data, so every fake run shares them.
-    support = np.round(np.random.default_rng(1701).uniform(0.03, 0.85, NUM_ATTRIBUTES) * num_images)
-    p = support / num_images
-    for split in splits:
-        rows = []
-        for branch in ('perception', 'attention') if attention else ('perception',):
-            branch_skill = skill if branch == 'perception' else 0.9 * skill
-            tpr = np.clip(branch_skill * (0.5 + p) + rng.normal(0, 0.05, NUM_ATTRIBUTES), 0.01, 0.99)
-            tnr = np.clip(branch_skill * (1.5 - p) + rng.normal(0, 0.05, NUM_ATTRIBUTES), 0.01, 0.99)
-            rows.append(pd.DataFrame(dict(attribute=CELEBA_ATTRIBUTES, branch=branch, **_rates_to_metrics(tpr, tnr, p),
-                                          support=support.astype(int), num_images=num_images, positive_frequency=p,
-                                          majority_baseline_accuracy=np.maximum(p, 1 - p))))
-        table = pd.concat(rows, ignore_index=True)
-        (run / 'eval' / split).mkdir(parents=True, exist_ok=True)
-        table.to_csv(run / 'eval' / split / 'per_attribute.csv', index=False)
-        means = table.groupby('branch')[['accuracy', 'balanced_accuracy']].mean()
-        perception = table[table.branch == 'perception'].set_index('attribute')
-        summary = dict(split=split, num_images=num_images, model=model, checkpoint='checkpoints/best.pt',
-                       mean_accuracy=means.loc['perception', 'accuracy'],
-                       mean_balanced_accuracy=means.loc['perception', 'balanced_accuracy'],
-                       majority_baseline_mean_accuracy=perception.majority_baseline_accuracy.mean(),
-                       attention_mean_accuracy=means.loc['attention', 'accuracy'] if attention else None,
-                       attention_mean_balanced_accuracy=means.loc['attention', 'balanced_accuracy'] if attention else None,
-                       per_attribute=perception[list(ATTRIBUTE_METRICS)].to_dict('index'))
-        (run / 'eval' / split / 'summary.json').write_text(json.dumps(summary, indent=1))
-    return run
 
 # %% ../nbs/06_analysis.ipynb #95fb72cb
 SYNTH_MARKERS = ('synth_parts.csv', 'synth_parts')
@@ -160,9 +112,17 @@ def read_epochs(run_dir) -> tuple[pd.DataFrame, list[str]]:
         else: problems.append(f"{path}:{number}: not a JSON object, line skipped (a run killed mid-write?)")
     return pd.DataFrame(rows), problems
 
-def read_eval(run_dir, split: str) -> tuple[dict | None, pd.DataFrame | None, list[str]]:
-    "Scalars of `eval/<split>/summary.json`, the `per_attribute.csv` table, and problem lines for what is missing or malformed."
-    folder, problems = Path(run_dir) / 'eval' / split, []
+def eval_folder(run_dir, split: str, thresholds: str = 'default') -> Path:
+    "Where `evaluate_run` leaves an evaluation: `eval/<split>/`, or `eval/<split>/thresholds_<criterion>/` with tuned thresholds."
+    folder = Path(run_dir) / 'eval' / split
+    return folder if thresholds == 'default' else folder / f'thresholds_{thresholds}'
+
+def read_eval(run_dir, split: str, thresholds: str = 'default') -> tuple[dict | None, pd.DataFrame | None, list[str]]:
+    """Scalars of the split's `summary.json` (decided with `thresholds`: see `eval_folder`), the `per_attribute.csv`
+    table, and problem lines for what is missing or malformed."""
+    folder, problems = eval_folder(run_dir, split, thresholds), []
+    if thresholds != 'default' and not folder.is_dir():
+        return None, None, [f"{folder}: missing (evaluate with `mtabn_eval {run_dir} --split {split} --thresholds {thresholds}`)"]
     summary = table = None
     try:
         summary = read_summary(folder / 'summary.json')
@@ -208,8 +168,10 @@ class Runs:
     def __repr__(self):
         return f"Runs({len(self.config)} runs: {self.names}, splits {self.splits}, {len(self.problems)} problems)"
 
-def load_runs(run_dirs, warn: bool = True) -> Runs:
-    "Read run folders (or folders holding runs) into a `Runs`; unreadable runs and files are listed in `.problems`."
+def load_runs(run_dirs, warn: bool = True, thresholds: str = 'default') -> Runs:
+    """Read run folders (or folders holding runs) into a `Runs`; unreadable runs and files are listed in `.problems`.
+    `thresholds`: read the evaluations decided with `logit >= 0` ('default') or with tuned thresholds (see `eval_folder`)."""
+    check_thresholds(thresholds)
     run_dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     paths, problems = [], []
     for given in map(Path, run_dirs):
@@ -227,7 +189,7 @@ def load_runs(run_dirs, warn: bool = True) -> Runs:
         splits = sorted(p.name for p in (path / 'eval').iterdir() if p.is_dir()) if (path / 'eval').is_dir() else []
         if not splits: problems.append(f"{path / 'eval'}: no evaluation yet (run unfinished?)")
         for split in splits:
-            summary, table, eval_problems = read_eval(path, split)
+            summary, table, eval_problems = read_eval(path, split, thresholds)
             problems += eval_problems
             if summary is not None: summaries.append({**summary, 'run': name, 'split': split})
             if table is not None: tables.append(table.assign(run=name, split=split))
@@ -522,11 +484,21 @@ class Sweep:
     runs: Runs
     def __repr__(self): return f"Sweep({self.status.status.value_counts().to_dict()}, {self.runs!r})"
 
+# Notebook parameters that name files or folders. The notebook runs in its own folder (nbs/, as under nbdev_test), so
+# run_sweep makes relative ones absolute against the caller's working directory, where the user wrote them.
+SWEEP_PATH_PARAMETERS = ('data',)
+
+def _caller_paths(values: dict, names=SWEEP_PATH_PARAMETERS) -> dict:
+    "`values` with the relative paths among `names` resolved against the current working directory."
+    return {k: str(Path(v).expanduser().resolve()) if k in names and isinstance(v, str) else v for k, v in values.items()}
+
 def run_sweep(grid, out_dir, notebook='nbs/train_run.ipynb', params=None, kernel_name: str = 'python3',
-              execution_timeout: int | None = None, report: bool = False, verbose: bool = True) -> Sweep:
-    "Execute `notebook` with papermill for each grid point (one run folder each), skip finished runs, go on after failures."
+              execution_timeout: int | None = None, report: bool = False, verbose: bool = True,
+              path_params=SWEEP_PATH_PARAMETERS) -> Sweep:
+    """Execute `notebook` with papermill for each grid point (one run folder each), skip finished runs, go on after failures.
+    Relative paths in the `path_params` parameters (and `out_dir`) are taken from the caller's working directory."""
     import papermill
-    notebook, points, fixed = _resolve_notebook(notebook), parse_grid(grid), parse_params(params)
+    notebook, points, fixed = _resolve_notebook(notebook), parse_grid(grid), _caller_paths(parse_params(params), path_params)
     known = papermill.inspect_notebook(str(notebook))
     for name in {*fixed, *itertools.chain.from_iterable(points), 'out'}:
         if name not in known:
@@ -542,7 +514,8 @@ def run_sweep(grid, out_dir, notebook='nbs/train_run.ipynb', params=None, kernel
         if not is_finished(run_dir):
             start = time.monotonic()
             try:
-                papermill.execute_notebook(str(notebook), str(executed), parameters={**fixed, **point, 'out': str(run_dir)},
+                parameters = {**fixed, **_caller_paths(point, path_params), 'out': str(run_dir)}
+                papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
                                            kernel_name=kernel_name, cwd=str(notebook.parent), progress_bar=False,
                                            execution_timeout=execution_timeout)
                 row['status'] = 'ran' if is_finished(run_dir) else 'failed'
@@ -586,22 +559,25 @@ def headline_table(runs: Runs) -> pd.DataFrame:
     varying = varying_config(runs.config)
     wanted = ['run', 'split', *varying, 'num_images', 'mean_accuracy', 'mean_balanced_accuracy',
               'mean_f1', 'majority_baseline_mean_accuracy', 'attention_mean_accuracy',
-              'attention_mean_balanced_accuracy', 'best_valid_mean_accuracy']
+              'attention_mean_balanced_accuracy', 'best_valid_mean_accuracy', 'mean_calibration_error',
+              'prior_mean_calibration_error']
     # The config is the authority on settings (the summary repeats e.g. `model`).
     table = table.drop(columns=[c for c in varying if c in table]).merge(runs.config[['run', *varying]], on='run', how='left')
     return table[[c for c in wanted if c in table and table[c].notna().any()]]
 
 def per_attribute_table(runs: Runs, split=None, branch='perception', metrics=('accuracy', 'balanced_accuracy', 'f1')) -> pd.DataFrame:
-    "One row per attribute: positive frequency, majority baseline accuracy and `metrics` of every run (columns 'RUN metric')."
+    """One row per attribute: positive frequency, majority baseline accuracy (and the prior's calibration error when a
+    `metrics` entry is `calibration_error`), then `metrics` of every run (columns 'RUN metric'; absent ones left out)."""
     df = runs.per_attribute
     split = split or _default_split(df)
     names = [r for r in runs.names if ((df.run == r) & (df.split == split) & (df.branch == branch)).any()]
     if not names: return pd.DataFrame()
     first = select_attributes(df, names[0], split, branch)
     columns = {'positive_frequency': first.positive_frequency, 'majority_baseline_accuracy': first.majority_baseline_accuracy}
+    if 'calibration_error' in metrics and 'prior_calibration_error' in first: columns['prior_calibration_error'] = first.prior_calibration_error
     for run in names:
         chosen = select_attributes(df, run, split, branch)
-        columns.update({f"{run} {metric}": chosen[metric] for metric in metrics})
+        columns.update({f"{run} {metric}": chosen[metric] for metric in metrics if metric in chosen})
     return pd.DataFrame(columns).reset_index()
 
 # %% ../nbs/06_analysis.ipynb #2331d4a6
@@ -621,7 +597,9 @@ DISPLAY_NAMES = {'num_images': 'images', 'mean_accuracy': 'accuracy', 'mean_bala
                  'mean_f1': 'F1', 'majority_baseline_mean_accuracy': 'majority baseline',
                  'attention_mean_accuracy': 'attention acc.', 'attention_mean_balanced_accuracy': 'attention balanced acc.',
                  'best_valid_mean_accuracy': 'best valid acc.', 'positive_frequency': 'positive freq.',
-                 'majority_baseline_accuracy': 'majority baseline', 'balanced_accuracy': 'balanced acc.', 'f1': 'F1'}
+                 'majority_baseline_accuracy': 'majority baseline', 'balanced_accuracy': 'balanced acc.', 'f1': 'F1',
+                 'mean_calibration_error': 'calibration error', 'prior_mean_calibration_error': 'prior calibration error',
+                 'calibration_error': 'calibration error', 'prior_calibration_error': 'prior calibration error'}
 
 def _cell(value) -> str:
     "Fractions with 4 decimals, percentages and other numbers from 10 up with 2, tiny and huge ones in 3 significant digits."
@@ -714,9 +692,10 @@ def find_explain_outputs(run_dir, max_images: int = 6) -> tuple[list[Path], list
     return kept, shown, [p for p in tables if p not in shown]
 
 def _report_per_attribute(report: _Report, runs: Runs, split: str):
-    metrics = ('accuracy', 'balanced_accuracy', 'f1') if len(runs.names) <= 2 else ('accuracy',)
+    metrics = ('accuracy', 'balanced_accuracy', 'f1', 'calibration_error') if len(runs.names) <= 2 else ('accuracy',)
     report.text(f"Split `{split}`, perception branch (the model's decisions). The majority baseline is the accuracy "
-                "of always answering the attribute's more frequent value in the training split.")
+                "of always answering the attribute's more frequent value in the training split; the prior calibration "
+                "error that of always scoring that split's positive frequency.")
     report.table(per_attribute_table(runs, split, metrics=metrics))
     with_split = [r for r in runs.names if ((runs.per_attribute.run == r) & (runs.per_attribute.split == split)).any()]
     for run, metric in itertools.product(with_split, ('accuracy', 'balanced_accuracy', 'f1')):
@@ -762,9 +741,22 @@ def _report_explanations(report: _Report, runs: Runs):
         found = found or bool(images or tables or others)
     if not found: report.text("No explanation outputs found (nothing under `RUN/explain/`; run the explain stage to add them).")
 
-def write_report(run_dirs, out_dir, split: str | None = None, title: str = 'multitask-abn report') -> Path:
-    "Write `out_dir/report.html` (self-contained) and `out_dir/report.md` (+ `figures/`) for the given runs; returns the HTML path."
-    runs = load_runs(run_dirs, warn=False)
+CALIBRATION_LEGEND = (
+    "calibration error: the expected calibration error of the scores `sigmoid(logit)` (15 bins; 0: among images "
+    "scored p, a share p has the attribute), beside the prior's (every image scored the train split's positive "
+    "frequency). Models trained with `pos_weight` (the demo and explain recipes) score rare attributes too high by design.")
+
+def _decisions_text(thresholds: str) -> str:
+    if thresholds == 'default': return "Decisions: `logit >= 0` (the default, and the rule published numbers use)."
+    return (f"Decisions: per-attribute thresholds tuned for {thresholds.replace('_', ' ')} on the valid split (each run's "
+            "`thresholds.json`); `logit >= 0` stays the default and the rule published numbers use, so the published "
+            "comparison below is not like for like for these rows.")
+
+def write_report(run_dirs, out_dir, split: str | None = None, title: str = 'multitask-abn report',
+                 thresholds: str = 'default') -> Path:
+    """Write `out_dir/report.html` (self-contained) and `out_dir/report.md` (+ `figures/`) for the given runs; returns the
+    HTML path. `thresholds`: report the evaluations decided with `logit >= 0` ('default') or with tuned thresholds."""
+    runs = load_runs(run_dirs, warn=False, thresholds=thresholds)
     if not runs.names:
         raise MtabnError(f"no readable run folder among {[str(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]}: "
                          + '; '.join(runs.problems))
@@ -778,7 +770,8 @@ def write_report(run_dirs, out_dir, split: str | None = None, title: str = 'mult
     headline = headline_table(runs)
     if len(headline):
         report.text('Means over the 40 attributes, perception branch unless marked attention; majority baseline: '
-                    'always answering the majority class; best valid acc.: the best epoch in `metrics.jsonl`.')
+                    'always answering the majority class; best valid acc.: the best epoch in `metrics.jsonl`; '
+                    + CALIBRATION_LEGEND + ' ' + _decisions_text(thresholds))
         report.table(headline)
     else: report.text('No evaluation summary found (no `eval/<split>/summary.json`).')
     report.heading('Per-attribute metrics')

@@ -137,13 +137,14 @@ def mtabn_eval(
     precision: str = 'fp32',  # fp32, bf16 or fp16
     max_images: int = None,  # evaluate only the first N images of the split
     save_attention: bool = False,  # also save an attention grid per evaluated image in <results>/<split>/attention/
+    thresholds: str = 'default',  # decisions: default (logit >= 0), or accuracy / balanced_accuracy: thresholds tuned for it on valid (-> RUN/thresholds.json; results in <split>/thresholds_<name>/)
     quiet: bool = False,  # no progress bar
 ):
     "Evaluate a run or checkpoint on a split: eval/<split>/summary.json and per_attribute.csv, and a printed table."
     from multitask_abn.train import evaluate_run
     with user_errors('mtabn_eval'):
         evaluate_run(path, data=data, split=split, out=out, image_size=image_size, batch_size=batch_size, workers=workers,
-                     device=device, precision=precision, max_images=max_images, progress=not quiet, show=True,
+                     device=device, precision=precision, max_images=max_images, progress=not quiet, show=True, thresholds=thresholds,
                      with_model=_attention_saver(path, max_images, progress=not quiet) if save_attention else None)
 
 def _attention_saver(path, max_images: int | None, progress: bool):
@@ -167,11 +168,12 @@ def mtabn_predict(
     transform: str = None,  # fukui2019, recommended or eval (default: the checkpoint's, else fukui2019)
     no_grids: bool = False,  # write predictions.csv only
     device: str = 'auto',  # auto, cpu, cuda or cuda:N
+    thresholds: str = 'default',  # decisions: default (logit >= 0), or accuracy / balanced_accuracy (tuned on valid by mtabn_eval --thresholds)
 ):
     "Predict the 40 attributes of image files: OUT/predictions.csv and an attention grid per image."
     from multitask_abn.explain import predict
     with user_errors('mtabn_predict'):
-        table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size, device=device,
+        table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size, thresholds=thresholds, device=device,
                         report=lambda message: print(f"mtabn_predict: {message}", file=sys.stderr))
     print(f"{len(table)} images -> {Path(out) / 'predictions.csv'}")
 
@@ -206,10 +208,11 @@ def mtabn_report(
     out: Param("folder for report.html, report.md and figures/", str, required=True) = None,
     split: str = None,  # split of the per-attribute section (default: test, else valid)
     title: str = 'multitask-abn report',  # the report's title
+    thresholds: str = 'default',  # report evaluations decided with default (logit >= 0) or tuned (accuracy / balanced_accuracy) thresholds
 ):
     "Write an HTML and a Markdown report (config, metrics, per-attribute plots, curves, explanations) for run folders."
     from multitask_abn.analysis import write_report
-    with user_errors('mtabn_report'): print(write_report(run_dirs, out, split=split, title=title))
+    with user_errors('mtabn_report'): print(write_report(run_dirs, out, split=split, title=title, thresholds=thresholds))
 
 @command
 def mtabn_sweep(

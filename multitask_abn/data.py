@@ -173,13 +173,6 @@ def read_landmarks(path) -> pd.DataFrame:
         raise _bad_line(path, row + 3, "landmark coordinates must be integers")
     return pd.DataFrame(values.to_numpy(np.int64), index=pd.Index(table[0], name='image'), columns=list(LANDMARK_COLUMNS))
 
-# %% ../nbs/00_data.ipynb #8b48b73d
-def _replace_line(path, line: int, text: str):
-    "Test helper: overwrite 1-based `line` of a text file."
-    lines = Path(path).read_text().splitlines()
-    lines[line - 1] = text
-    Path(path).write_text('\n'.join(lines) + '\n')
-
 # %% ../nbs/00_data.ipynb #3cf2451e
 class CelebA:
     "Validated annotations of a CelebA-layout folder (real CelebA or SynthCelebA)."

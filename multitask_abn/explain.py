@@ -24,8 +24,9 @@ from .data import (CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, PRESET_NORMALIZATION, Cele
                                 denormalize, get_transform, load_image)
 from PIL import Image
 
+from .metrics import check_thresholds
 from .models import (atomic_write, attribute_logits, attribute_probabilities, inference_settings, load_model,
-                                  saved_config)
+                                  read_thresholds, saved_config)
 from .train import resolve_device
 from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, load_part_map, render_face,
                                  sample_attributes, synth_settings)
@@ -36,17 +37,17 @@ __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGI
            'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD', 'NO_COUNTERFACTUAL',
            'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS',
            'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES',
-           'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride', 'cell_weights',
-           'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation', 'grid_origins',
-           'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers', 'peak_location',
-           'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred', 'deletion_insertion_curves',
-           'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks', 'transform_preset', 'images_to_uint8',
-           'evaluating', 'model_device', 'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits',
-           'cam_layer', 'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions',
-           'centre_map', 'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response',
-           'road_drop', 'explanation_records', 'summarize_explanations', 'explanation_table',
-           'plot_explanation_metrics', 'compare_explanations', 'iter_explanations', 'save_attention_grids',
-           'image_files', 'predict', 'explain_run']
+           'SCORE_SUFFIX', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride',
+           'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation',
+           'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers',
+           'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred',
+           'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
+           'transform_preset', 'images_to_uint8', 'evaluating', 'model_device', 'eval_output',
+           'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency',
+           'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map', 'fit_prior',
+           'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
+           'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
+           'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
 # %% ../nbs/05_explain.ipynb #f3c9fbc0
 SCALE_MODES = ('pos', 'neg', 'both')
@@ -940,17 +941,35 @@ def _unique_name(stem: str, taken: set) -> str:
     taken.add(name)
     return name
 
+SCORE_SUFFIX = '_score'   # predictions.csv: `Smiling` the decision, `Smiling_score` the sigmoid of its logit
+
+def _decision_thresholds(checkpoint, thresholds: str) -> np.ndarray:
+    "Per-attribute logit thresholds of `thresholds` ('default': zeros) for the model at `checkpoint`."
+    check_thresholds(thresholds)
+    if thresholds == 'default': return np.zeros(NUM_ATTRIBUTES)
+    saved = read_thresholds(checkpoint)
+    if saved is None:
+        raise MtabnError(f"no thresholds tuned for {checkpoint} (or only for another checkpoint): `mtabn_eval {checkpoint} --split valid "
+                         f"--thresholds {thresholds}` tunes them on the valid split and saves them")
+    return np.array([saved['criteria'][thresholds]['thresholds'][a] for a in CELEBA_ATTRIBUTES])
+
 def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, show_probs: bool = True,
             transform: str | None = None, image_size: int | None = None, batch_size: int = 16, report=None,
-            device: str = 'auto') -> pd.DataFrame:
-    "Probabilities of the 40 attributes for image files/folders `paths` -> OUT/predictions.csv (+ attention grids)."
+            thresholds: str = 'default', device: str = 'auto') -> pd.DataFrame:
+    """Decisions and scores (sigmoid of the decision logit) of the 40 attributes for image files/folders `paths` ->
+    OUT/predictions.csv (+ attention grids). `thresholds`: 'default' (logit >= 0) or a tuned rule (see above)."""
     report = report or (lambda message: print(message, file=sys.stderr))
+    cuts = _decision_thresholds(checkpoint, thresholds)
     files = image_files(paths)
     if not files: raise MtabnError(f"no image files in {', '.join(map(str, paths))} (looked for {' '.join(IMAGE_SUFFIXES)})")
     model = load_model(checkpoint).to(resolve_device(device))
     if model.num_attributes != NUM_ATTRIBUTES:
         raise MtabnError(f"{checkpoint} predicts {model.num_attributes} attributes, not CelebA's {NUM_ATTRIBUTES}")
-    preset, size = inference_settings(saved_config(checkpoint), transform, image_size)
+    config = saved_config(checkpoint)
+    if config.get('use_pos_weight'):
+        report(f"note: {checkpoint} was trained with pos_weight: its scores overstate rare attributes (they are not calibrated "
+               f"probabilities; see calibration_error in its evaluation)")
+    preset, size = inference_settings(config, transform, image_size)
     to_tensor, out_dir = get_transform(preset, size), Path(out_dir)
     if grids and not model.preset.attention_branch:
         report(f"note: {checkpoint} is a baseline without attention maps: predictions only, no attention grids")
@@ -964,13 +983,13 @@ def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, s
         if not loaded: continue
         images = torch.stack([image for _, image in loaded])
         output = eval_output(model, images)
-        rows += [[str(file), *p] for (file, _), p in zip(loaded, as_numpy(attribute_probabilities(output.perception)))]
+        logits = as_numpy(attribute_logits(output.perception), np.float64)
+        rows += [[str(file), *(z >= cuts).astype(int), *sigmoid(z)] for (file, _), z in zip(loaded, logits)]
         if grids:
             for (file, _), e in zip(loaded, explanations_from_output(images, output, preset, names=[f.name for f, _ in loaded])):
                 attention_grid(e, mode, show_probs).save(out_dir/'attention'/_unique_name(file.stem, taken))
-    table = pd.DataFrame(rows, columns=['path', *CELEBA_ATTRIBUTES])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir/'predictions.csv', index=False, float_format='%.6f')
+    table = pd.DataFrame(rows, columns=['path', *CELEBA_ATTRIBUTES, *(a + SCORE_SUFFIX for a in CELEBA_ATTRIBUTES)])
+    atomic_write(out_dir/'predictions.csv', table.to_csv(index=False, float_format='%.6f'))
     if failed:
         raise MtabnError(f"{len(failed)} of {len(files)} images could not be read (first: {failed[0]}); "
                          f"predictions for the other {len(rows)} are in {out_dir/'predictions.csv'}")

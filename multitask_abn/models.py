@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #a4c3bd71
 from __future__ import annotations
-import contextlib, copy, json, os, pickle, re, secrets
+import contextlib, copy, hashlib, json, os, pickle, re, secrets
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -20,13 +20,14 @@ from .data import MtabnError, NUM_ATTRIBUTES
 
 # %% auto #0
 __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTION_DEFAULTS', 'EXACT_EXECUTION', 'STACK_BYTES',
-           'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'SEED_PREFIX', 'SEED_RENAMES',
-           'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset',
-           'Backbone', 'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'ABN', 'ResNetBaseline',
-           'list_models', 'resolve_preset', 'create_model', 'load_checkpoint', 'imagenet_weights_file',
-           'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config',
-           'inference_settings', 'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint',
-           'seed_model_name', 'save_seed_checkpoint', 'fake_seed_state_dict', 'execution_differences', 'fold_batchnorm',
+           'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'THRESHOLDS_FILE',
+           'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS',
+           'UNSEEN_PRESET_FIELDS', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
+           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'ABN', 'ResNetBaseline', 'list_models',
+           'resolve_preset', 'create_model', 'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights',
+           'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config', 'inference_settings',
+           'thresholds_file', 'file_sha256', 'read_thresholds', 'from_seed_names', 'to_seed_names', 'infer_seed_model',
+           'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint', 'execution_differences', 'fold_batchnorm',
            'compile_for_inference', 'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
@@ -549,11 +550,41 @@ def inference_settings(config: dict, transform: str | None = None, image_size: i
     it was trained with, else the reference's."""
     return transform or config.get('transform', REFERENCE_INPUT[0]), image_size or config.get('image_size', REFERENCE_INPUT[1])
 
+# %% ../nbs/02_models.ipynb #fd962cef
+THRESHOLDS_FILE = 'thresholds.json'
+
+def thresholds_file(path) -> Path:
+    "Where a model's tuned thresholds live: RUN/thresholds.json (a run folder or a checkpoint in one), else CHECKPOINT_thresholds.json."
+    path = Path(path)
+    if path.is_dir(): return path / THRESHOLDS_FILE
+    if path.parent.name == 'checkpoints' and (path.parent.parent / 'config.json').is_file(): return path.parent.parent / THRESHOLDS_FILE
+    return path.parent / f'{path.stem}_{THRESHOLDS_FILE}'
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2**20), b''): digest.update(block)
+    return digest.hexdigest()
+
+def read_thresholds(path, split: str = 'valid') -> dict | None:
+    "The saved thresholds of the model at `path` (run folder or checkpoint) tuned on `split`, or None (none, or another checkpoint's)."
+    file = thresholds_file(path)
+    if not file.is_file(): return None
+    try: saved = json.loads(file.read_text())
+    except json.JSONDecodeError as e: raise MtabnError(f"{file}: not valid JSON ({e}); delete it to tune the thresholds again") from None
+    if saved.get('split') != split or saved.get('checkpoint_sha256') != file_sha256(checkpoint_file(path)): return None
+    return saved
+
 # %% ../nbs/02_models.ipynb #469c6ec2
 SEED_PREFIX = 'module.'
 SEED_RENAMES = {'conv_att.weight': 'att_conv.weight'}   # reference v1 name -> ours (v2 uses our names)
 SEED_ARGS_FILE = 'args.json'
 SEED_PRESET_KEY = 'multitask_abn_preset'
+# The reference's model names (args.json `model`) and the preset each one builds.
+SEED_MODEL_PRESETS = {'mtabn_v1_': 'v1', 'mtabn_v2_': 'v2'}
+# What an ABN checkpoint's weights leave open; args.json or an explicit registry name must settle it.
+UNSEEN_PRESET_FIELDS = ('attention_activation', 'attention_pooling', 'residual_attention')
+# (depthwise attention conv, logits per attribute) -> the one preset of that shape, named in error hints.
 _PRESET_BY_WEIGHTS = {(False, 1): 'v1', (True, 2): 'v2', (True, 1): 'mitsuhara2020', (False, 2): 'fukui2019'}
 
 def from_seed_names(state: dict) -> dict:
@@ -581,21 +612,42 @@ def _meta_shapes(name: str, **kwargs) -> dict:
     with torch.device('meta'): model = create_model(name, **kwargs)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-def infer_seed_model(state: dict, args: dict | None = None) -> tuple[str, dict]:
-    "Registry name and `create_model` options that fit a state_dict in our names (plus reference `args.json`)."
+def _seed_preset(args: dict, depthwise: bool, head: int, source) -> tuple[str, dict]:
+    """(preset name, preset overrides) of an ABN checkpoint from its args.json `args`: our full preset, a reference
+    model name with `residual_attention`, or a registry name; else raise naming what the weights leave open."""
+    model = str(args.get('model', ''))
+    shape = f"{'a' if depthwise else 'no'} depthwise attention conv, {head} logit{'s' * (head > 1)} per attribute"
+    if SEED_PRESET_KEY in args: return _PRESET_BY_WEIGHTS[depthwise, head], dict(args[SEED_PRESET_KEY])
+    reference = next((p for prefix, p in SEED_MODEL_PRESETS.items() if model.startswith(prefix)), None)
+    if reference is not None:
+        if 'residual_attention' not in args:
+            raise MtabnError(f"{source}: args.json names {model} but not residual_attention (the reference writes both): "
+                             f"add \"residual_attention\": true or false")
+        return reference, dict(residual_attention=bool(args['residual_attention']))
+    if model in list_models():      # a registry name: its preset (a baseline name is reported when the weights load)
+        preset = model.removeprefix('abn_').partition('_')[0] if model.startswith('abn_') else _PRESET_BY_WEIGHTS[depthwise, head]
+        return preset, {k: bool(args[k]) for k in ('residual_attention',) if k in args}
+    named = f"args.json names model {model!r}, which is neither a reference ABN ({', '.join(p + '*' for p in SEED_MODEL_PRESETS)}) " \
+            f"nor a registry ABN" if model else "no args.json beside it names the model"
+    raise MtabnError(f"{source}: the weights show {shape} but not {', '.join(UNSEEN_PRESET_FIELDS)}, and {named}: put the "
+                     f"reference's args.json beside the checkpoint, or name the model (name='abn_{_PRESET_BY_WEIGHTS[depthwise, head]}_...' "
+                     f"in Python, or {{\"model\": \"abn_{_PRESET_BY_WEIGHTS[depthwise, head]}_...\"}} in args.json)")
+
+def infer_seed_model(state: dict, args: dict | None = None, source='the checkpoint') -> tuple[str, dict]:
+    """Registry name and `create_model` options that fit a state_dict in our names: the backbone and head from the
+    weights, an ABN's other choices from the reference's `args.json` (`args`; see `_seed_preset`)."""
     args = args or {}
     is_abn = 'att_conv.weight' in state
     if not is_abn and 'fc.weight' not in state:
         raise MtabnError("not a reference checkpoint: no attention conv (conv_att/att_conv) and no fc layer found")
-    options = dict(args.get(SEED_PRESET_KEY, {}))
     if is_abn:
-        options['num_attributes'] = state['att_conv.weight'].shape[0]
         head = state['output_per.0.weight'].shape[0] if 'output_per.0.weight' in state else 1
-        preset = _PRESET_BY_WEIGHTS.get(('depth_conv.weight' in state, head), 'v1')
+        preset, options = _seed_preset(args, 'depth_conv.weight' in state, head, source)
+        options['num_attributes'] = state['att_conv.weight'].shape[0]
     else:
+        options = dict(args.get(SEED_PRESET_KEY, {}))
         head = 2 if options.get('perception_head') == 'softmax2' else 1
         options['num_attributes'] = state['fc.weight'].shape[0] // head
-    if 'residual_attention' in args and is_abn: options.setdefault('residual_attention', bool(args['residual_attention']))
     block = Bottleneck if 'layer1.0.conv3.weight' in state else BasicBlock
     depths = _stage_depths(state)
     candidates = [b for b, spec in BACKBONES.items() if spec.block is block and spec.layers == depths]
@@ -605,18 +657,23 @@ def infer_seed_model(state: dict, args: dict | None = None) -> tuple[str, dict]:
     names = [f'abn_{preset}_{b}' if is_abn else b for b in candidates]
     return next((n for n in names if _meta_shapes(n, **options) == shapes), names[0]), options
 
+
 # %% ../nbs/02_models.ipynb #b0d16e59
 def load_seed_checkpoint(path, name: str | None = None, residual_attention: bool | None = None,
                          perception: str = 'loop', **overrides) -> nn.Module:
-    """Load a reference checkpoint (keys `module.*`) into the matching registry model, in eval mode.
-    `name` forces the architecture (a mismatch is reported); `residual_attention` overrides `args.json`."""
+    """Load a reference checkpoint (keys `module.*`) into the matching registry model, in eval mode. An ABN's model
+    comes from the `args.json` beside it or from `name`, a registry name that replaces it (a mismatch with the
+    weights is reported); `residual_attention` overrides either."""
     path = Path(path)
     checkpoint = load_checkpoint(path, 'reference checkpoint')
     state = checkpoint.get('model_state_dict', checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MtabnError(f"{path}: expected a dict with 'model_state_dict' (a reference checkpoint) or a state_dict")
     state = from_seed_names(state)
-    inferred, options = infer_seed_model(state, _read_seed_args(path))
+    args = _read_seed_args(path)
+    if name is not None: args = {'model': name, **{k: args[k] for k in ('residual_attention',) if k in args}}
+    if residual_attention is not None: args['residual_attention'] = residual_attention
+    inferred, options = infer_seed_model(state, args, path)
     if name is not None and name != inferred:
         options = {k: v for k, v in options.items() if k in ('num_attributes', 'residual_attention')}
     if residual_attention is not None: options['residual_attention'] = residual_attention
@@ -644,16 +701,6 @@ def save_seed_checkpoint(model: nn.Module, path, epoch: int = 0, iteration: int 
             'residual_attention': model.preset.residual_attention, SEED_PRESET_KEY: _preset_spec(model.preset)}
     atomic_write(path.parent / SEED_ARGS_FILE, json.dumps(args, indent=4))
     return path
-
-# %% ../nbs/02_models.ipynb #85972ae5
-def fake_seed_state_dict(shapes: dict, seed: int = 0) -> dict:
-    "A random state_dict with the given key -> shape list (positive variances, integer batch counters)."
-    g = torch.Generator().manual_seed(seed)
-    def tensor(key, shape):
-        if key.endswith('num_batches_tracked'): return torch.tensor(int(torch.randint(1, 1000, (), generator=g)))
-        value = torch.randn(shape, generator=g)
-        return value.abs() + 0.5 if key.endswith('running_var') else value
-    return {k: tensor(k, v) for k, v in shapes.items()}
 
 # %% ../nbs/02_models.ipynb #f15e25da
 def _relative_difference(a, b) -> float:

@@ -16,12 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import (CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
+from .data import (CELEBA_ATTRIBUTES, SPLITS, CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, pos_weight, positive_frequency)
-from .models import (atomic_write, checkpoint_file, create_model, inference_settings, list_models,
-                                  load_checkpoint, load_model, save_model, saved_config, synchronise_batchnorms)
+from .models import (ABNOutput, atomic_write, checkpoint_file, create_model, file_sha256, inference_settings, list_models,
+                                  load_checkpoint, load_model, read_thresholds, save_model, saved_config, synchronise_batchnorms,
+                                  thresholds_file)
 from .losses import LOSS_NAMES, make_loss
-from .metrics import AttributeMetrics, attribute_table, summarize, write_results
+from .metrics import (THRESHOLD_CRITERIA, AttributeMetrics, attribute_table, check_thresholds, summarize,
+                                   tune_thresholds, write_results)
 
 # %% auto #0
 __all__ = ['RECIPES', 'OWN_FLAGS', 'RECORDED_FIELDS', 'PRECISIONS', 'CONFIG_CHECKS', 'PROBE_STEPS', 'BF16_MIN_SPEEDUP',
@@ -30,7 +32,7 @@ __all__ = ['RECIPES', 'OWN_FLAGS', 'RECORDED_FIELDS', 'PRECISIONS', 'CONFIG_CHEC
            'configure_device', 'loader_options', 'autocast', 'machine_description', 'synchronize', 'probe_precision',
            'choose_precision', 'EpochSampler', 'SeededSamples', 'labels_of', 'make_dataset', 'train_positive_frequency',
            'evaluate', 'rng_states', 'set_rng_states', 'seed_everything', 'NonFiniteLoss', 'build_model', 'Learner',
-           'train', 'evaluate_run', 'format_results', 'run_demo']
+           'train', 'evaluate_run', 'format_results', 'run_thresholds', 'run_demo']
 
 # %% ../nbs/04_train.ipynb #e7f43637
 @dataclass
@@ -329,12 +331,14 @@ def train_positive_frequency(celeba: CelebA) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int = 64, workers: int = 0, device='cpu', precision: str = 'fp32',
              loss_fn=None, train_frequency=None, procs: Processes = Processes(), progress: bool = False,
-             desc: str = 'eval'):
-    "(per-attribute metrics DataFrame, mean loss or None) of `model` on `dataset`."
+             desc: str = 'eval', metrics: AttributeMetrics | None = None):
+    """(per-attribute metrics DataFrame, mean loss or None) of `model` on `dataset`. `metrics`: the `AttributeMetrics`
+    to fill (e.g. with tuned thresholds, or to read its logits afterwards) instead of a fresh one."""
     device = torch.device(device)
     shard = Subset(dataset, range(procs.rank, len(dataset), procs.world)) if procs.world > 1 else dataset
     loader = DataLoader(shard, batch_size=batch_size, **loader_options(workers, device))
-    metrics = AttributeMetrics(train_positive_frequency=train_frequency).to(device)
+    if metrics is None: metrics = AttributeMetrics(train_positive_frequency=train_frequency)
+    metrics.to(device)
     loss_total = torch.zeros(2, dtype=torch.float64, device=device)   # sum of per-image losses, number of images
     was_training = model.training
     model.eval()
@@ -668,16 +672,25 @@ def train(config: TrainConfig | str | None, out, resume: bool = False, overwrite
     finally: procs.close()
 
 # %% ../nbs/04_train.ipynb #6b5f6109
-def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int | None = None,
-                 transform: str | None = None, batch_size: int = 64, workers: int = 0, device: str = 'auto',
-                 precision: str = 'fp32', max_images: int | None = None, progress: bool = True, show: bool = False,
-                 with_model=None) -> dict:
-    """Evaluate a run folder or checkpoint on `split`; write summary.json + per_attribute.csv; return the summary.
-    `with_model(model, split_dataset, results_dir)` is called before the evaluation (e.g. to save attention grids)."""
+@dataclass
+class _Evaluation:
+    "What evaluating a run or checkpoint needs, read once: the model, its data and input settings."
+    checkpoint: Path
+    config: dict
+    data: str
+    transform: str
+    image_size: int
+    device: torch.device
+    model: torch.nn.Module
+    celeba: CelebA
+
+    def dataset(self, split: str) -> CelebADataset:
+        return CelebADataset(self.celeba, split, transform=get_transform(self.transform, self.image_size))
+
+def _evaluation(path, data=None, image_size: int | None = None, transform: str | None = None, device: str = 'auto') -> _Evaluation:
     path = Path(path)
     if not path.exists(): raise MtabnError(f"{path} not found: pass a run folder or a checkpoint file")
     checkpoint = checkpoint_file(path)
-    out_root = Path(out) if out else path / 'eval' if path.is_dir() else path.parent / f'{path.stem}_eval'
     config = saved_config(path)
     data = data or config.get('data')
     if data is None: raise MtabnError(f"{path} does not record its training data: pass the data folder (--data DIR)")
@@ -686,15 +699,38 @@ def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int
     model = load_model(checkpoint).to(device)
     if model.num_attributes != NUM_ATTRIBUTES:
         raise MtabnError(f"{checkpoint} predicts {model.num_attributes} attributes, CelebA has {NUM_ATTRIBUTES}")
-    celeba = CelebA(data)
-    split_dataset = CelebADataset(celeba, split, transform=get_transform(transform, image_size))
-    if with_model is not None: with_model(model, split_dataset, out_root / split)
+    return _Evaluation(checkpoint, config, str(data), transform, image_size, device, model, CelebA(data))
+
+def evaluate_run(path, data=None, split: str = 'test', out=None, image_size: int | None = None,
+                 transform: str | None = None, batch_size: int = 64, workers: int = 0, device: str = 'auto',
+                 precision: str = 'fp32', max_images: int | None = None, progress: bool = True, show: bool = False,
+                 with_model=None, thresholds: str = 'default') -> dict:
+    """Evaluate a run folder or checkpoint on `split`; write summary.json + per_attribute.csv; return the summary.
+    `with_model(model, split_dataset, results_dir)` is called before the evaluation (e.g. to save attention grids).
+    `thresholds`: 'default' (logit >= 0) -> RESULTS/<split>/, or a `THRESHOLD_CRITERIA` name: the perception branch
+    decides with thresholds tuned on the valid split for that metric (`run_thresholds`) -> RESULTS/<split>/thresholds_<name>/."""
+    check_thresholds(thresholds)
+    path = Path(path)
+    setup = _evaluation(path, data, image_size, transform, device)
+    out_root = Path(out) if out else path / 'eval' if path.is_dir() else path.parent / f'{path.stem}_eval'
+    split_dataset = setup.dataset(split)
+    if with_model is not None: with_model(setup.model, split_dataset, out_root / split)
     dataset = _first(split_dataset, max_images)
-    df, _ = evaluate(model, dataset, batch_size, workers, device, precision, train_frequency=train_positive_frequency(celeba),
-                     progress=progress, desc=f'eval {split}')
-    summary = write_results(df, out_root / split, split=split, num_images=len(dataset), model=model.spec['name'],
-                            checkpoint=str(checkpoint.resolve()), data=str(data), image_size=image_size, transform=transform)
-    if show: print(format_results(df, summary) + f"\nresults: {out_root / split}")
+    train_frequency, results, info = train_positive_frequency(setup.celeba), out_root / split, {}
+    tuned = None
+    if thresholds != 'default':
+        saved = run_thresholds(path, setup, batch_size=batch_size, workers=workers, precision=precision, progress=progress,
+                               report=print if show else None)
+        tuned = [saved['criteria'][thresholds]['thresholds'][a] for a in CELEBA_ATTRIBUTES]
+        results = results / f'thresholds_{thresholds}'
+        info = dict(thresholds_file=str(thresholds_file(path)), thresholds_split=saved['split'])
+    metrics = AttributeMetrics(train_positive_frequency=train_frequency, thresholds=tuned)
+    df, _ = evaluate(setup.model, dataset, batch_size, workers, setup.device, precision, progress=progress,
+                     desc=f'eval {split}', metrics=metrics)
+    summary = write_results(df, results, split=split, num_images=len(dataset), model=setup.model.spec['name'],
+                            checkpoint=str(setup.checkpoint.resolve()), data=setup.data, image_size=setup.image_size,
+                            transform=setup.transform, thresholds=thresholds, **info)
+    if show: print(format_results(df, summary) + f"\nresults: {results}")
     return summary
 
 def format_results(df, summary: dict) -> str:
@@ -707,7 +743,45 @@ def format_results(df, summary: dict) -> str:
             f"mean balanced accuracy {'undefined' if balanced is None else f'{balanced:.4f}'}"
             + (f" (without {undefined} attributes of one class only in this split)" if undefined else '')
             + f", {(accuracies >= 0.9).sum()} attributes >= 90 %"
-            + ('' if attention is None else f"; attention branch {attention:.4f}"))
+            + ('' if attention is None else f"; attention branch {attention:.4f}")
+            + f"\nmean calibration error {summary['mean_calibration_error']:.4f} (a constant train-split frequency: "
+              f"{summary['prior_mean_calibration_error']:.4f}); decisions: "
+            + ('logit >= 0' if summary.get('thresholds', 'default') == 'default' else
+               f"thresholds tuned for {summary['thresholds']} on the {summary['thresholds_split']} split"
+               + (' (this split: optimistic)' if summary['thresholds_split'] == summary['split'] else '')))
+
+# %% ../nbs/04_train.ipynb #aeb6d794
+def _means(logits, targets, thresholds=None) -> dict:
+    "Mean accuracy and balanced accuracy of the decisions `logit >= thresholds`, counted from kept logits."
+    metrics = AttributeMetrics(thresholds=thresholds)
+    metrics.update(ABNOutput(logits, None, None), targets)
+    summary = summarize(metrics.compute())
+    return {k: summary[k] for k in ('mean_accuracy', 'mean_balanced_accuracy')}
+
+def run_thresholds(path, setup: _Evaluation | None = None, split: str = 'valid', batch_size: int = 64, workers: int = 0,
+                   precision: str = 'fp32', progress: bool = True, report=None) -> dict:
+    """The content of `thresholds_file(path)`, tuned on `split` (valid: where choices are made) first if the file is
+    missing or belongs to another checkpoint. `setup`: the model already loaded by the caller."""
+    saved = read_thresholds(path, split)
+    if saved is not None: return saved
+    setup, file = setup or _evaluation(path), thresholds_file(path)
+    trained_on = setup.config.get('train_split')
+    if trained_on in SPLITS and set(SPLITS[trained_on]) & set(SPLITS[split]):
+        raise MtabnError(f"{path} was trained on the {setup.config['train_split']} split, which holds the {split} images: "
+                         f"thresholds tuned there would be tuned on training images; use --thresholds default")
+    if report: report(f"tuning decision thresholds on the {split} split (none saved for this checkpoint yet) -> {file}")
+    metrics = AttributeMetrics(train_positive_frequency=train_positive_frequency(setup.celeba))
+    evaluate(setup.model, setup.dataset(split), batch_size, workers, setup.device, precision, progress=progress,
+             desc=f'thresholds {split}', metrics=metrics)
+    logits, targets = metrics.logits()
+    tuned = {c: tune_thresholds(logits, targets, c) for c in THRESHOLD_CRITERIA}
+    saved = dict(split=split, num_images=len(logits), checkpoint=str(setup.checkpoint.resolve()), checkpoint_sha256=file_sha256(setup.checkpoint),
+                 data=setup.data, image_size=setup.image_size, transform=setup.transform,
+                 default=_means(logits, targets),
+                 criteria={c: dict(**_means(logits, targets, t), thresholds=dict(zip(CELEBA_ATTRIBUTES, t.tolist())))
+                           for c, t in tuned.items()})
+    atomic_write(file, json.dumps(saved, indent=1))
+    return saved
 
 # %% ../nbs/04_train.ipynb #eaab28e9
 DEMO_IMAGES = 3000

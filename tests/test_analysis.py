@@ -10,9 +10,10 @@ import pytest
 
 from multitask_abn.analysis import (GRID_LEGEND, PUBLISHED_RESULTS, README_IMAGE_BYTES, README_IMAGES, load_runs,
                                     plot_attribute_metric, plot_branches, plot_published_comparison, plot_run_comparison,
-                                    plot_run_delta, plot_training_curves, run_sweep, write_fake_run, write_readme_images,
+                                    plot_run_delta, plot_training_curves, run_sweep, write_readme_images,
                                     write_report)
 from multitask_abn.data import CELEBA_ATTRIBUTES, MtabnError
+from helpers import write_fake_run
 
 T = len(CELEBA_ATTRIBUTES)
 PROJECT = Path(__file__).resolve().parent.parent
@@ -233,8 +234,18 @@ def test_mtabn_sweep_cli(console, tmp_path):
     assert log.read_text().split() == ['1', '2']  # the failure did not stop the sweep
 
 
+def test_sweep_reads_named_data_from_the_callers_folder_and_never_generates_it(tmp_path, monkeypatch):
+    """`--param data=data/celeba` is the caller's data/celeba, though the notebook runs in nbs/; a named folder without
+    CelebA annotations stops the run with the reader's error naming it: no SynthCelebA is generated in its place."""
+    monkeypatch.chdir(tmp_path)
+    sweep = run_sweep({'epochs': [1]}, 'sweep', TRAIN_NOTEBOOK, params={'data': 'data/celeba'}, verbose=False)
+    assert list(sweep.status.status) == ['failed']
+    assert f"CelebA folder not found: {tmp_path / 'data' / 'celeba'}" in sweep.status.error[0]
+    assert not (tmp_path / 'data').exists() and not (TRAIN_NOTEBOOK.parent / 'data' / 'celeba').exists()
+    assert (tmp_path / 'sweep' / 'sweep.csv').is_file()   # out_dir, relative too, is the caller's
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAIN_NOTEBOOK.is_file(), reason='nbs/train_run.ipynb not written yet')
 def test_sweep_trains_on_synth_celeba(tmp_path):
     from multitask_abn.synth import make_synth_celeba
     make_synth_celeba(tmp_path / 'synth', n=48, seed=0)

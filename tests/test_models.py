@@ -1,16 +1,18 @@
 "Registry sweep, exact execution modes, reference-checkpoint import/export and loading rules of `multitask_abn.models`."
-import argparse, json, os
+import argparse, dataclasses, json, os
 from pathlib import Path
 
 import pytest
 import torch
 
 from multitask_abn.data import MtabnError
+from helpers import fake_seed_state_dict
 from multitask_abn.models import (PRESETS, ABNOutput, attribute_logits, create_model, execution_differences,
-                                  fake_seed_state_dict, fold_batchnorm, list_models, load_model,
+                                  fold_batchnorm, list_models, load_model,
                                   load_seed_checkpoint, optimize_for_inference, save_model, save_seed_checkpoint)
 
 SEED_KEYS = Path(__file__).parent / 'data' / 'seed_state_dict_keys'
+REFERENCE_ARGS = json.loads((Path(__file__).parent / 'data' / 'reference_args.json').read_text())   # see data/README.md
 SEED_MODELS = {'mtabn_v1_resnet18': 'abn_v1_resnet18', 'mtabn_v1_resnet50': 'abn_v1_resnet50',
                'mtabn_v1_resnet101': 'abn_v1_resnet101', 'mtabn_v2_resnet18': 'abn_v2_resnet18',
                'mtabn_v2_resnet101': 'abn_v2_resnet101', 'resnet18': 'resnet18', 'resnet101': 'resnet101'}
@@ -124,13 +126,15 @@ def test_bf16_training_step_runs():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def reference_checkpoint(path: Path, seed_name: str, seed: int = 0, **extra) -> dict:
+def reference_checkpoint(path: Path, seed_name: str, seed: int = 0, args: dict | None = None, **extra) -> dict:
+    "A checkpoint as the reference's training script leaves it: the file, and its args.json beside it (`args`: changes)."
     shapes = json.loads((SEED_KEYS / f'{seed_name}.json').read_text())
     state = fake_seed_state_dict(shapes, seed=seed)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), [4, 8])
     torch.save({'epoch': 7, 'iteration': 123, 'best_score': 0.91, 'model_state_dict': state,
                 'optimizer_state_dict': {'state': {}, 'param_groups': []},
                 'scheduler_state_dict': scheduler.state_dict(), **extra}, path)
+    (path.parent / 'args.json').write_text(json.dumps({**REFERENCE_ARGS, 'model': seed_name, **(args or {})}, indent=4))
     return state
 
 
@@ -154,8 +158,7 @@ def test_reference_checkpoint_round_trip_is_exact(tmp_path, seed_name):
 
 
 def test_reference_options_from_args_json(tmp_path):
-    reference_checkpoint(tmp_path / 'checkpoint-latest.pt', 'mtabn_v2_resnet18')
-    (tmp_path / 'args.json').write_text(json.dumps({'model': 'mtabn_v2_resnet18', 'residual_attention': True, 'lr': 0.01}))
+    reference_checkpoint(tmp_path / 'checkpoint-latest.pt', 'mtabn_v2_resnet18', args=dict(residual_attention=True))
     model = load_seed_checkpoint(tmp_path / 'checkpoint-latest.pt')
     assert model.preset.residual_attention and model.preset.perception_head == 'softmax2'
     assert not load_seed_checkpoint(tmp_path / 'checkpoint-latest.pt', residual_attention=False).preset.residual_attention
@@ -163,6 +166,29 @@ def test_reference_options_from_args_json(tmp_path):
     custom = create_model('abn_v1_resnet10', num_attributes=3, attention_pooling='max', attention_activation='sigmoid')
     save_seed_checkpoint(custom, tmp_path / 'custom' / 'checkpoint.pt')
     assert load_seed_checkpoint(tmp_path / 'custom' / 'checkpoint.pt').preset == custom.preset
+
+
+def test_weights_without_args_json_do_not_choose_the_model(tmp_path):
+    "The weights show neither attention pooling, activation nor residual attention: without args.json, one line says so."
+    depthwise = create_model('abn_v1_resnet10', num_attributes=3, attention_depthwise=True)   # avg pooling, no sigmoid
+    save_seed_checkpoint(depthwise, tmp_path / 'checkpoint-best.pt')
+    (tmp_path / 'args.json').unlink()
+    for load in (load_seed_checkpoint, load_model):
+        with pytest.raises(MtabnError, match=r"checkpoint-best.pt: the weights show a depthwise attention conv, 1 logit per "
+                                             r"attribute but not attention_activation, attention_pooling, residual_attention"):
+            load(tmp_path / 'checkpoint-best.pt')
+    named = load_seed_checkpoint(tmp_path / 'checkpoint-best.pt', name='abn_v1_resnet10', attention_depthwise=True)
+    assert named.preset == depthwise.preset
+    (tmp_path / 'args.json').write_text(json.dumps({'model': 'abn_mitsuhara2020_resnet10'}))    # a registry name settles it
+    assert load_model(tmp_path / 'checkpoint-best.pt').preset == PRESETS['mitsuhara2020']
+    # the reference's own args.json: its model name, and residual_attention, which it always writes
+    (tmp_path / 'v1').mkdir()
+    reference_checkpoint(tmp_path / 'v1' / 'checkpoint-best.pt', 'mtabn_v1_resnet18', args=dict(residual_attention=True))
+    assert load_model(tmp_path / 'v1' / 'checkpoint-best.pt').preset == dataclasses.replace(PRESETS['v1'], residual_attention=True)
+    (tmp_path / 'v1' / 'args.json').write_text(json.dumps({'model': 'mtabn_v1_resnet18'}))
+    with pytest.raises(MtabnError, match='names mtabn_v1_resnet18 but not residual_attention'): load_model(tmp_path / 'v1' / 'checkpoint-best.pt')
+    (tmp_path / 'v1' / 'args.json').write_text(json.dumps({**REFERENCE_ARGS, 'model': 'mtabn_v3_resnet18'}))
+    with pytest.raises(MtabnError, match="names model 'mtabn_v3_resnet18', which is neither"): load_model(tmp_path / 'v1' / 'checkpoint-best.pt')
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -177,7 +203,7 @@ def test_wrong_architecture_lists_the_mismatch(tmp_path):
     with pytest.raises(MtabnError, match='other shape'): load_seed_checkpoint(tmp_path / 'r18.pt', name='abn_v2_resnet18')
     truncated = json.loads((SEED_KEYS / 'mtabn_v1_resnet18.json').read_text())
     truncated.pop('module.layer4_att.1.conv2.weight')
-    torch.save({'model_state_dict': fake_seed_state_dict(truncated)}, tmp_path / 'truncated.pt')
+    torch.save({'model_state_dict': fake_seed_state_dict(truncated)}, tmp_path / 'truncated.pt')   # beside r18.pt's args.json
     with pytest.raises(MtabnError, match='layer4_att.1.conv2.weight'): load_seed_checkpoint(tmp_path / 'truncated.pt')
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(MtabnError, match='not a readable'): load_model(tmp_path / 'junk.pt')
@@ -215,9 +241,19 @@ def test_our_checkpoints(tmp_path):
     with pytest.raises(MtabnError, match='without checkpoints'): load_model(tmp_path)
 
 
+def test_decisions_equal_counts_agreeing_decisions():
+    "Known answers: a model against itself agrees everywhere; flipping one attribute's logit sign of four disagrees on a quarter."
+    from multitask_abn.bench import decisions_equal
+    logits = torch.tensor([[1., -2., 3., -4.], [-1., 2., -3., 4.]])
+    same = lambda x: ABNOutput(x, None, None)
+    flipped = lambda x: ABNOutput(x * torch.tensor([1., 1., 1., -1.]), None, None)
+    assert decisions_equal(same, same, [logits, logits]) == 1.0
+    assert decisions_equal(same, flipped, [logits, logits]) == 0.75
+
+
 @pytest.mark.slow
 def test_bench_decision_check_on_a_run_folder(tmp_path, capsys):
-    from multitask_abn.bench import main
+    from multitask_abn.bench import decisions_equal, eval_modes, main, test_batches
     from multitask_abn.synth import make_synth_celeba
     data = make_synth_celeba(tmp_path / 'synth', n=30, seed=1)
     model = create_model('abn_v1_resnet10', num_attributes=4)
@@ -230,15 +266,23 @@ def test_bench_decision_check_on_a_run_folder(tmp_path, capsys):
     from multitask_abn.data import CelebADataset
     test_images = len(CelebADataset(data, split='test'))
     assert summary['size'] == 32 and summary['decision_images'] == min(4, test_images - test_images % 2)
-    assert 0.5 <= summary['decisions_equal'] <= 1
-    assert summary['eval_speedup'] > 0 and summary['train_speedup'] > 0
+    # the fastest mode is fastest among modes that include the reference (speedup 1), and its decisions are counted
+    for kind in ('eval', 'train'):
+        assert summary[f'{kind}_speedup'] >= 1 and (summary[f'{kind}_speedup'] == 1) == (summary[f'fastest_{kind}_mode'] == 'loop fp32')
+    options = eval_modes('auto')
+    images = list(test_batches(data, 32, 2, 4))
+    recount = decisions_equal(optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options['loop fp32']),
+                              optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options[summary['decision_mode']]), images)
+    assert summary['decisions_equal'] == recount
     assert summary['train_peak_memory_ratio'] is None   # --no-memory
     combined = main(['models', '--model', 'abn_v2_resnet10', '--num-attributes', '3', '--size', '48', '--checkpoint',
                      str(tmp_path / 'run'), '--data', str(data), '--batch', '2', '--iters', '1', '--kind', 'eval',
                      '--no-compile', '--no-memory', '--max-images', '4'])
     assert combined['model'] == 'abn_v2_resnet10' and combined['size'] == 48
     assert combined['decision_model'] == 'abn_v1_resnet10' and combined['decision_size'] == 32
-    assert 0.5 <= combined['decisions_equal'] <= 1
+    assert combined['decisions_equal'] == decisions_equal(
+        optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options['loop fp32']),
+        optimize_for_inference(load_model(tmp_path / 'run'), images[0], **options[combined['decision_mode']]), images)
     capsys.readouterr()
     with pytest.raises(SystemExit): main(['models', '--model', 'abn_v2_resnet10', '--data', str(data)])
     assert 'pass --checkpoint too' in capsys.readouterr().err

@@ -3,17 +3,22 @@ determinism, the NaN stop, DDP under torchrun, the papermill notebook, reference
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from multitask_abn.cli import mtabn_eval, mtabn_train
-from multitask_abn.data import CelebADataset, MtabnError
-from multitask_abn.models import create_model, load_checkpoint, save_model, save_seed_checkpoint
+from helpers import fake_seed_state_dict, numpy_calibration_error
+from multitask_abn.analysis import write_report
+from multitask_abn.cli import mtabn_eval, mtabn_predict, mtabn_train
+from multitask_abn.data import CELEBA_ATTRIBUTES, CelebADataset, MtabnError, get_transform, load_image
+from multitask_abn.explain import predict
+from multitask_abn.models import create_model, load_checkpoint, load_model, save_model
 from multitask_abn.synth import make_synth_celeba
 from multitask_abn.train import Learner, NonFiniteLoss, evaluate, evaluate_run, load_config, make_config, train
 
@@ -211,14 +216,72 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(console, tmp_path, synth
 
 
 def test_reference_checkpoint_evaluation(tmp_path, synth):
-    "A checkpoint in the reference's format (module.* keys) is evaluated beside itself, with the majority baseline."
-    checkpoint = save_seed_checkpoint(create_model('abn_v1_resnet10'), tmp_path / 'reference' / 'checkpoint.pt')
-    summary = evaluate_run(checkpoint, data=synth, split='test', image_size=32, progress=False)
-    saved = json.loads((tmp_path / 'reference' / 'checkpoint_eval' / 'test' / 'summary.json').read_text())
-    assert saved['mean_accuracy'] == pytest.approx(summary['mean_accuracy'])
-    for key in ('mean_balanced_accuracy', 'majority_baseline_mean_accuracy', 'attention_mean_accuracy'):
-        assert 0 <= saved[key] <= 1
-    assert saved['model'] == 'abn_v1_resnet10' and len(saved['per_attribute']) == 40
+    """A checkpoint as the reference's training script leaves it (its key/shape list filled with random weights,
+    module.* keys, its args.json beside it) is evaluated like the reference would feed it (fukui2019 transform),
+    checked against an evaluation written out here: the weights loaded by hand, logit >= 0 counted with numpy, the
+    majority baseline from the train split's labels."""
+    keys = json.loads((PROJECT / 'tests' / 'data' / 'seed_state_dict_keys' / 'mtabn_v1_resnet18.json').read_text())
+    state = fake_seed_state_dict(keys, seed=3)
+    (tmp_path / 'reference').mkdir()
+    torch.save({'epoch': 5, 'iteration': 10, 'best_score': 0.5, 'model_state_dict': state, 'optimizer_state_dict': {},
+                'scheduler_state_dict': {}}, tmp_path / 'reference' / 'checkpoint-best.pt')
+    (tmp_path / 'reference' / 'args.json').write_text((PROJECT / 'tests' / 'data' / 'reference_args.json').read_text())
+    summary = evaluate_run(tmp_path / 'reference' / 'checkpoint-best.pt', data=synth, split='test', image_size=32, progress=False)
+    model = create_model('abn_v1_resnet18')
+    model.load_state_dict({k.removeprefix('module.').replace('conv_att.', 'att_conv.'): v for k, v in state.items()})
+    dataset = CelebADataset(synth, 'test', transform=get_transform('fukui2019', 32))
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(x).perception for x, _ in torch.utils.data.DataLoader(dataset, 16)]).numpy()
+    labels = dataset.labels.numpy().astype(bool)
+    accuracy = ((logits >= 0) == labels).mean(0)
+    train_labels = CelebADataset(synth, 'train').labels.numpy()
+    majority = np.where(train_labels.mean(0) >= 0.5, labels.mean(0), 1 - labels.mean(0))
+    assert summary['model'] == 'abn_v1_resnet18' and summary['transform'] == 'fukui2019' and summary['num_images'] == len(dataset)
+    assert [summary['per_attribute'][a]['accuracy'] for a in CELEBA_ATTRIBUTES] == pytest.approx(accuracy, abs=1e-12)
+    assert summary['mean_accuracy'] == pytest.approx(accuracy.mean(), abs=1e-12)
+    assert summary['majority_baseline_mean_accuracy'] == pytest.approx(majority.mean(), abs=1e-12)
+
+
+def test_tuned_thresholds_and_calibration_end_to_end(console, capsys, tmp_path, synth, straight_run):
+    """`--thresholds accuracy` tunes the run's thresholds on valid (RUN/thresholds.json) and uses them in mtabn_eval,
+    mtabn_predict and mtabn_report; the default evaluation and report stay logit >= 0; the calibration error in the
+    summary equals one written out with numpy."""
+    run = Path(shutil.copytree(straight_run, tmp_path / 'run'))
+    result = console('mtabn_eval', run, '--split', 'test', '--thresholds', 'accuracy', '--quiet')
+    assert result.returncode == 0, result.stderr
+    assert 'tuning decision thresholds on the valid split' in result.stdout and 'thresholds tuned for accuracy' in result.stdout
+    saved = json.loads((run / 'thresholds.json').read_text())
+    chosen = np.array([saved['criteria']['accuracy']['thresholds'][a] for a in CELEBA_ATTRIBUTES])
+    tuned = json.loads((run / 'eval' / 'test' / 'thresholds_accuracy' / 'summary.json').read_text())
+    default = evaluate_run(run, split='test', progress=False)
+    model, config = load_model(run), load_config(run)
+    dataset = CelebADataset(synth, 'test', transform=get_transform(config.transform, config.image_size))
+    with torch.no_grad():
+        logits = torch.cat([model(x).perception for x, _ in torch.utils.data.DataLoader(dataset, 16)]).double().numpy()
+    labels = dataset.labels.numpy().astype(bool)
+    for summary, cut in ((tuned, chosen), (default, 0)):
+        assert [summary['per_attribute'][a]['accuracy'] for a in CELEBA_ATTRIBUTES] == pytest.approx(((logits >= cut) == labels).mean(0), abs=1e-12)
+    assert (tuned['thresholds'], default['thresholds']) == ('accuracy', 'default')
+    expected = numpy_calibration_error(1 / (1 + np.exp(-logits)), labels)
+    assert [default['per_attribute'][a]['calibration_error'] for a in CELEBA_ATTRIBUTES] == pytest.approx(expected, abs=1e-6)
+    assert default['mean_calibration_error'] == pytest.approx(expected.mean(), abs=1e-6) == tuned['mean_calibration_error']
+    # predict: the same thresholds decide; the scores are the sigmoid of the logits
+    image = CelebADataset(synth, 'test').celeba.root / 'img_align_celeba' / CelebADataset(synth, 'test').filenames[0]
+    table = predict(run, [image], tmp_path / 'predicted', grids=False, thresholds='accuracy')
+    scores = table[[f'{a}_score' for a in CELEBA_ATTRIBUTES]].to_numpy()[0]
+    assert scores == pytest.approx(1 / (1 + np.exp(-logits[0])), abs=1e-4)   # one image per batch here, 16 above
+    with torch.no_grad(): own = model(get_transform(config.transform, config.image_size)(load_image(image))[None]).perception[0]
+    assert table[list(CELEBA_ATTRIBUTES)].to_numpy()[0].tolist() == (own.double().numpy() >= chosen).astype(int).tolist()
+    messages = []
+    predict(run, [image], tmp_path / 'noted', grids=False, report=messages.append)
+    assert any('trained with pos_weight' in m for m in messages), messages
+    for thresholds, decisions in (('accuracy', 'Decisions: per-attribute thresholds tuned for accuracy on the valid split'),
+                                  ('default', 'Decisions: `logit >= 0`')):
+        text = write_report([run], tmp_path / thresholds, thresholds=thresholds).with_suffix('.md').read_text()
+        assert decisions in text and 'prior calibration error' in text
+    capsys.readouterr()
+    err = user_error(capsys, mtabn_predict, paths=[str(image)], checkpoint=str(run), out=str(tmp_path / 'f1'), thresholds='f1')
+    assert 'choose one of default, accuracy, balanced_accuracy' in err
 
 
 def test_eval_save_attention(console, capsys, tmp_path, synth, straight_run):
