@@ -20,7 +20,8 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import (CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
+from .data import (CELEBA_ATTRIBUTES, CELEBA_LAYOUTS, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
+                                load_hq_masks,
                                 denormalize, get_transform, load_image)
 from PIL import Image
 
@@ -32,19 +33,20 @@ from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, loa
 # %% auto #0
 __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGIN', 'WRONG', 'RIGHT', 'POINTING_TOLERANCE',
            'LANDMARK_REGIONS', 'LANDMARK_ATTRIBUTE_REGIONS', 'CAM_CLASSES', 'SALIENCY_METHODS', 'GROUND_TRUTHS',
-           'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD', 'NO_COUNTERFACTUAL',
-           'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS',
-           'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES',
-           'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride', 'cell_weights',
-           'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation', 'grid_origins',
-           'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers', 'peak_location',
-           'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred', 'deletion_insertion_curves',
-           'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks', 'transform_preset', 'images_to_uint8',
-           'evaluating', 'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
-           'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map',
-           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
-           'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
-           'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
+           'MASK_ATTRIBUTE_PARTS', 'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD',
+           'NO_COUNTERFACTUAL', 'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION',
+           'MEAN_ROWS', 'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS',
+           'IMAGE_SUFFIXES', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride',
+           'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation',
+           'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers',
+           'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred',
+           'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
+           'transform_preset', 'images_to_uint8', 'evaluating', 'eval_output', 'explanations_from_output',
+           'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency', 'gradcam_saliency', 'paired_saliency',
+           'resize_mask', 'AttributeRegions', 'centre_map', 'fit_prior', 'attribute_prior', 'baseline_saliency',
+           'Counterfactuals', 'attention_response', 'road_drop', 'explanation_records', 'summarize_explanations',
+           'explanation_table', 'plot_explanation_metrics', 'compare_explanations', 'iter_explanations',
+           'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
 # %% ../nbs/05_explain.ipynb #f3c9fbc0
 SCALE_MODES = ('pos', 'neg', 'both')
@@ -500,20 +502,40 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == tuple(size): return mask.astype(bool)
     return cv2.resize(mask.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR) >= 0.5
 
-GROUND_TRUTHS = ('auto', 'synth', 'landmarks')
+GROUND_TRUTHS = ('auto', 'synth', 'landmarks', 'celebamask_hq')
+
+# CelebAMask-HQ class(es) carrying each attribute's evidence. Its masks have no beard, cheek, chin, forehead or necktie
+# class: those attributes get the class they lie on (skin, cloth), a coarse region; Attractive and Blurry have none.
+MASK_ATTRIBUTE_PARTS = {
+    '5_o_Clock_Shadow': ('skin',), 'Arched_Eyebrows': ('l_brow', 'r_brow'), 'Bags_Under_Eyes': ('l_eye', 'r_eye'),
+    'Bald': ('skin', 'hair'), 'Bangs': ('hair',), 'Big_Lips': ('u_lip', 'l_lip'), 'Big_Nose': ('nose',), 'Black_Hair': ('hair',),
+    'Blond_Hair': ('hair',), 'Brown_Hair': ('hair',), 'Bushy_Eyebrows': ('l_brow', 'r_brow'), 'Chubby': ('skin',),
+    'Double_Chin': ('skin', 'neck'), 'Eyeglasses': ('eye_g',), 'Goatee': ('skin',), 'Gray_Hair': ('hair',),
+    'Heavy_Makeup': ('l_eye', 'r_eye', 'u_lip', 'l_lip'), 'High_Cheekbones': ('skin',), 'Male': ('skin', 'hair'),
+    'Mouth_Slightly_Open': ('mouth', 'u_lip', 'l_lip'), 'Mustache': ('skin',), 'Narrow_Eyes': ('l_eye', 'r_eye'),
+    'No_Beard': ('skin',), 'Oval_Face': ('skin',), 'Pale_Skin': ('skin',), 'Pointy_Nose': ('nose',),
+    'Receding_Hairline': ('hair', 'skin'), 'Rosy_Cheeks': ('skin',), 'Sideburns': ('hair', 'skin'),
+    'Smiling': ('mouth', 'u_lip', 'l_lip'), 'Straight_Hair': ('hair',), 'Wavy_Hair': ('hair',), 'Wearing_Earrings': ('ear_r',),
+    'Wearing_Hat': ('hat',), 'Wearing_Lipstick': ('u_lip', 'l_lip'), 'Wearing_Necklace': ('neck_l',), 'Wearing_Necktie': ('cloth',),
+    'Young': ('skin',)}
 
 class AttributeRegions:
-    "Ground-truth attribute regions of a dataset's images: 'synth' part maps, 'landmarks' boxes, or 'auto' (part maps if present)."
+    """Ground-truth attribute regions of a dataset's images: 'synth' part maps, 'landmarks' boxes, 'celebamask_hq' masks,
+    or 'auto' (CelebAMask-HQ's masks in its layout, else part maps if present, else landmark boxes)."""
     def __init__(self, dataset, ground_truth: str = 'auto'):
         self.dataset, self.root = dataset, dataset.celeba.root
         if ground_truth not in GROUND_TRUTHS:
             raise MtabnError(f"unknown ground truth {ground_truth!r}: choose one of {', '.join(GROUND_TRUTHS)}")
-        has_parts = (self.root/PART_DIR).is_dir()
+        has_parts, is_hq = (self.root/PART_DIR).is_dir(), dataset.celeba.layout == 'celebamask_hq'
         if ground_truth == 'synth' and not has_parts:
             raise MtabnError(f"{self.root/PART_DIR} not found: part maps exist only for SynthCelebA (use ground_truth='landmarks')")
-        self.kind = 'synth' if ground_truth == 'synth' or (ground_truth == 'auto' and has_parts) else 'landmarks'
+        if ground_truth == 'celebamask_hq' and not is_hq:
+            raise MtabnError(f"{self.root} is not a CelebAMask-HQ folder (no {CELEBA_LAYOUTS['celebamask_hq']['attributes']})")
+        self.kind = ('celebamask_hq' if is_hq and ground_truth in ('auto', 'celebamask_hq') else
+                     'synth' if ground_truth == 'synth' or (ground_truth == 'auto' and has_parts) else 'landmarks')
         if self.kind == 'synth':
             self.table = {a: '+'.join(ATTRIBUTE_PARTS[a]) for a in CELEBA_ATTRIBUTES if ATTRIBUTE_PARTS.get(a)}
+        elif self.kind == 'celebamask_hq': self.table = {a: '+'.join(MASK_ATTRIBUTE_PARTS[a]) for a in CELEBA_ATTRIBUTES if a in MASK_ATTRIBUTE_PARTS}
         else: self.table = {a: LANDMARK_ATTRIBUTE_REGIONS[a] for a in CELEBA_ATTRIBUTES if a in LANDMARK_ATTRIBUTE_REGIONS}
 
     @property
@@ -522,14 +544,17 @@ class AttributeRegions:
         return [a for a in CELEBA_ATTRIBUTES if a not in self.table]
 
     def full_size_masks(self, index: int) -> dict[str, np.ndarray]:
-        "Attribute -> mask at the original image size (attributes whose region is absent from the image left out)."
+        "Attribute -> mask at the original image size (CelebAMask-HQ: its masks' size); attributes whose region is absent left out."
         name = self.dataset.filenames[index]
         if self.kind == 'synth':
             parts = load_part_map(self.root, name)
             masks = {a: attribute_mask(parts, a) for a in self.table}
+        elif self.kind == 'celebamask_hq':
+            classes = load_hq_masks(self.root, name)
+            masks = {a: np.logical_or.reduce([classes[c] for c in MASK_ATTRIBUTE_PARTS[a] if c in classes])
+                     for a in self.table if any(c in classes for c in MASK_ATTRIBUTE_PARTS[a])}
         else:
-            from PIL import Image
-            with Image.open(self.dataset.celeba.image_dir/name) as image: width, height = image.size
+            width, height = self.dataset.celeba.image_size(name)
             masks = landmark_attribute_masks(self.dataset.celeba.landmarks.loc[name].to_numpy(), (height, width))
         return {a: m for a, m in masks.items() if m.any()}
 
@@ -537,7 +562,6 @@ class AttributeRegions:
         "Attribute -> mask at the model's input `size` (H, W)."
         masks = {a: resize_mask(m, size) for a, m in self.full_size_masks(index).items()}
         return {a: m for a, m in masks.items() if m.any()}
-
 
 # %% ../nbs/05_explain.ipynb #c07ff9dc
 BASELINE_METHODS = ('prior', 'centre', 'uniform')   # maps that ignore the image: what an explanation has to beat
@@ -562,7 +586,13 @@ def fit_prior(regions: AttributeRegions, size: tuple[int, int], progress: bool =
             present = bool(labels[i, CELEBA_ATTRIBUTES.index(attribute)] == 1)
             sums[present][attribute] = sums[present].get(attribute, 0) + coverage
     fitted = {**sums[False], **sums[True]}            # only the scale differs from a mean: no metric reads it
-    return {a: (fitted[a] / fitted[a].max()).astype(np.float32) for a in regions.table if a in fitted}
+    maps = {a: (fitted[a] / fitted[a].max()).astype(np.float32) for a in regions.table if a in fitted}
+    # A region that no fitted image shows (a hat in a small folder of CelebAMask-HQ) gets the mean of the other maps: still
+    # a map that ignores the image, and no attribute goes unmeasured for want of a baseline.
+    if maps:
+        generic = np.mean(list(maps.values()), 0)
+        maps.update({a: (generic / generic.max()).astype(np.float32) for a in regions.table if a not in maps})
+    return maps
 
 def _prior_key(regions: AttributeRegions, size) -> str:
     "What a cached prior depends on: ground truth, size, and the fitted split's images and labels."

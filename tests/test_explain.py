@@ -438,3 +438,50 @@ def test_the_prior_points_far_worse_on_wild_faces(synth, wild):
         return summary.loc['mean_localised', 'pointing_game']
     aligned, moved = prior_pointing(synth), prior_pointing(wild)
     assert aligned > 0.9 and moved <= 0.4, (aligned, moved)
+
+
+# --- CelebAMask-HQ masks as the ground truth ---------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def celebamask_hq(synth, tmp_path_factory):
+    "The 40 SynthCelebA faces converted into CelebAMask-HQ's exact layout (96 px images, 64 px masks)."
+    from multitask_abn.synth import write_celebamask_hq
+    return write_celebamask_hq(synth, tmp_path_factory.mktemp('hq')/'CelebAMask-HQ', image_size=96, mask_size=64)
+
+
+def test_celebamask_hq_masks_are_the_ground_truth(synth, celebamask_hq):
+    from multitask_abn.explain import MASK_ATTRIBUTE_PARTS
+    hq = AttributeRegions(CelebADataset(celebamask_hq, 'all', get_transform('eval', 64)))
+    parts = AttributeRegions(CelebADataset(synth, 'all', get_transform('eval', 64)))
+    assert hq.kind == 'celebamask_hq' and hq.excluded == ['Attractive', 'Blurry'] and set(hq.table) == set(MASK_ATTRIBUTE_PARTS)
+    overlaps = []
+    for i in range(len(hq.dataset)):        # the nose is one class in both: the same region, through two resizings
+        a, b = hq.masks(i, (64, 64)).get('Big_Nose'), parts.masks(i, (64, 64)).get('Big_Nose')
+        if a is not None and b is not None: overlaps.append((a & b).sum() / (a | b).sum())
+    assert len(overlaps) > 5 and np.mean(overlaps) > 0.7, overlaps
+    with pytest.raises(MtabnError, match='is not a CelebAMask-HQ folder'):
+        AttributeRegions(CelebADataset(synth, 'all', get_transform('eval', 64)), 'celebamask_hq')
+
+
+def test_explain_run_measures_on_a_celebamask_hq_folder(synth, celebamask_hq, tmp_path):
+    run = untrained_run(synth, tmp_path/'run')
+    explain_run(run, celebamask_hq, split='all', n=1, metrics_images=4, deletion_images=0, road_images=0, progress=False)
+    info = json.loads((run/'explain'/'all'/'explanation_summary.json').read_text())
+    assert info['ground_truth'] == 'celebamask_hq' and not info['counterfactual'] and info['images'] == 4
+    assert set(info['mean']) == {'attention', *BASELINE_METHODS}
+    assert any((celebamask_hq/'.mtabn_cache').glob('prior_celebamask_hq_train_64x64_*.npz'))   # fitted on its train split
+    records = pd.read_csv(run/'explain'/'all'/'explanation_records.csv')
+    assert set(records.image) <= {f"{i}.jpg" for i in range(4)} and records.energy_share.notna().all()
+    assert set(records.query("method == 'prior'").attribute) == set(records.query("method == 'attention'").attribute)
+
+
+def test_mtabn_explain_names_a_broken_celebamask_hq_mask(synth, celebamask_hq, tmp_path, console):
+    run = untrained_run(synth, tmp_path/'run')
+    mask = celebamask_hq/'CelebAMask-HQ-mask-anno'/'0'/'00001_skin.png'
+    original = mask.read_bytes()
+    mask.write_bytes(b'not a png')
+    try: result = console('mtabn_explain', run, '--data', celebamask_hq, '--split', 'all', '--n', 1, '--metrics-images', 2)
+    finally: mask.write_bytes(original)
+    error = result.stderr.strip().splitlines()[-1]          # after the progress bars
+    assert result.returncode == 2 and error.startswith('mtabn_explain: error: cannot decode mask') and '00001_skin.png' in error
+    assert 'Traceback' not in result.stderr, result.stderr
