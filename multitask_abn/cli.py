@@ -164,13 +164,17 @@ def mtabn_predict(
     image_size: int = None,  # input size (default: the checkpoint's, else 224)
     transform: str = None,  # fukui2019, recommended or eval (default: the checkpoint's, else fukui2019)
     no_grids: bool = False,  # write predictions.csv only
+    align: bool = False,  # detect every face and align it like CelebA's crops (the default when a face detector is installed)
+    no_align: bool = False,  # predict on the whole images, resized (no face detection)
 ):
-    "Predict the 40 attributes of image files: OUT/predictions.csv and an attention grid per image."
+    "Predict the 40 attributes of image files (of each face, aligned like CelebA's crops): OUT/predictions.csv and attention grids."
     from multitask_abn.explain import predict
     with user_errors('mtabn_predict'):
+        if align and no_align: raise MtabnError('--align and --no-align both given: choose one')
         table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size,
+                        align=True if align else False if no_align else None,
                         report=lambda message: print(f"mtabn_predict: {message}", file=sys.stderr))
-    print(f"{len(table)} images -> {Path(out) / 'predictions.csv'}")
+    print(f"{len(table)} {'faces' if 'face' in table.columns else 'images'} -> {Path(out) / 'predictions.csv'}")
 
 @command
 def mtabn_explain(

@@ -25,6 +25,7 @@ from .data import (CELEBA_ATTRIBUTES, CELEBA_LAYOUTS, NUM_ATTRIBUTES, PRESET_NOR
                                 denormalize, get_transform, load_image)
 from PIL import Image
 
+from .align import DETECTOR_INSTALL, align_photo, load_detector
 from .models import (atomic_write, attribute_logits, attribute_probabilities, inference_settings, load_model,
                                   saved_config)
 from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, load_part_map, render_face,
@@ -36,11 +37,11 @@ __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGI
            'MASK_ATTRIBUTE_PARTS', 'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD',
            'NO_COUNTERFACTUAL', 'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION',
            'MEAN_ROWS', 'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS',
-           'IMAGE_SUFFIXES', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride',
-           'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation',
-           'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers',
-           'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred',
-           'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
+           'IMAGE_SUFFIXES', 'DETECTION_COLUMNS', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps',
+           'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid',
+           'Explanation', 'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid',
+           'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share',
+           'blurred', 'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
            'transform_preset', 'images_to_uint8', 'evaluating', 'eval_output', 'explanations_from_output',
            'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency', 'gradcam_saliency', 'paired_saliency',
            'resize_mask', 'AttributeRegions', 'centre_map', 'fit_prior', 'attribute_prior', 'baseline_saliency',
@@ -949,6 +950,7 @@ def save_attention_grids(model, dataset, out_dir, mode: str = 'pos', n: int | No
 
 # %% ../nbs/05_explain.ipynb #090dae72
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+DETECTION_COLUMNS = ['face', 'box_x', 'box_y', 'box_width', 'box_height', 'detection_score']
 
 def image_files(paths) -> list[Path]:
     "Files as given (any suffix; missing ones are reported when read), plus the image files inside folders (recursive, sorted)."
@@ -964,9 +966,20 @@ def _unique_name(stem: str, taken: set) -> str:
     taken.add(name)
     return name
 
+def _model_inputs(file: Path, image: Image.Image, detector, report) -> list[tuple[str, Image.Image, list]]:
+    "(grid name, image the model sees, detection columns) per face of a photo (aligned), or the whole image (no detector)."
+    if detector is None: return [(file.stem, image, [])]
+    faces = align_photo(image, detector)
+    if not faces: report(f"no face found in {file}: skipped (--no-align predicts on the whole image)")
+    return [(file.stem if len(faces) == 1 else f"{file.stem}_face{k}", face.crop, [k, *np.round(face.detection.box, 1), round(face.detection.score, 4)])
+            for k, face in enumerate(faces)]
+
 def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, show_probs: bool = True,
-            transform: str | None = None, image_size: int | None = None, batch_size: int = 16, report=None) -> pd.DataFrame:
-    "Probabilities of the 40 attributes for image files/folders `paths` -> OUT/predictions.csv (+ attention grids)."
+            transform: str | None = None, image_size: int | None = None, batch_size: int = 16, align: bool | None = None,
+            report=None) -> pd.DataFrame:
+    """Probabilities of the 40 attributes for image files/folders `paths` -> OUT/predictions.csv (+ attention grids).
+    `align` True: detect every face, align it like CelebA's crops (`align.align_photo`) and predict on the crop, one row per
+    face with its box and detection score; False: the whole image, resized; None: align when a detector is installed."""
     report = report or (lambda message: print(message, file=sys.stderr))
     files = image_files(paths)
     if not files: raise MtabnError(f"no image files in {', '.join(map(str, paths))} (looked for {' '.join(IMAGE_SUFFIXES)})")
@@ -975,28 +988,35 @@ def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, s
         raise MtabnError(f"{checkpoint} predicts {model.num_attributes} attributes, not CelebA's {NUM_ATTRIBUTES}")
     preset, size = inference_settings(saved_config(checkpoint), transform, image_size)
     to_tensor, out_dir = get_transform(preset, size), Path(out_dir)
+    detector = load_detector(required=align is True) if align is not False else None
+    if align is None:
+        report(f"aligning faces with {detector.name} (the default when a detector is installed; --no-align: whole images)"
+               if detector else f"note: no face detector installed ({DETECTOR_INSTALL}): predicting on whole images, resized")
     if grids and not model.preset.attention_branch:
         report(f"note: {checkpoint} is a baseline without attention maps: predictions only, no attention grids")
         grids = False
-    rows, failed, taken = [], [], set()
+    rows, failed, faceless, taken = [], [], [], set()
     for start in tqdm(range(0, len(files), batch_size), desc='predicting', disable=len(files) <= batch_size):
         loaded = []
         for file in files[start:start + batch_size]:
-            try: loaded.append((file, to_tensor(load_image(file))))
-            except MtabnError as e: failed.append(file); report(f"skipped: {e}")
+            try: inputs = _model_inputs(file, load_image(file), detector, report)
+            except MtabnError as e: failed.append(file); report(f"skipped: {e}"); continue
+            if not inputs: faceless.append(file)
+            loaded += [(file, name, to_tensor(image), columns) for name, image, columns in inputs]
         if not loaded: continue
-        images = torch.stack([image for _, image in loaded])
+        images = torch.stack([image for _, _, image, _ in loaded])
         output = eval_output(model, images)
-        rows += [[str(file), *p] for (file, _), p in zip(loaded, as_numpy(attribute_probabilities(output.perception)))]
+        rows += [[str(file), *columns, *p] for (file, _, _, columns), p in zip(loaded, as_numpy(attribute_probabilities(output.perception)))]
         if grids:
-            for (file, _), e in zip(loaded, explanations_from_output(images, output, preset, names=[f.name for f, _ in loaded])):
-                attention_grid(e, mode, show_probs).save(out_dir/'attention'/_unique_name(file.stem, taken))
-    table = pd.DataFrame(rows, columns=['path', *CELEBA_ATTRIBUTES])
+            for (_, name, _, _), e in zip(loaded, explanations_from_output(images, output, preset, names=[n for _, n, _, _ in loaded])):
+                attention_grid(e, mode, show_probs).save(out_dir/'attention'/_unique_name(name, taken))
+    table = pd.DataFrame(rows, columns=['path', *(DETECTION_COLUMNS if detector else []), *CELEBA_ATTRIBUTES])
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir/'predictions.csv', index=False, float_format='%.6f')
+    if faceless: report(f"{len(faceless)} of {len(files)} images have no face found (each named above)")
     if failed:
         raise MtabnError(f"{len(failed)} of {len(files)} images could not be read (first: {failed[0]}); "
-                         f"predictions for the other {len(rows)} are in {out_dir/'predictions.csv'}")
+                         f"predictions for the other {len(files) - len(failed)} are in {out_dir/'predictions.csv'}")
     return table
 
 # %% ../nbs/05_explain.ipynb #e2454f5e

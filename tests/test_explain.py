@@ -252,7 +252,7 @@ def test_predict_reads_odd_image_modes_like_their_rgb_equivalents(checkpoint, tm
     rgb.convert('RGBA').save(folder/'rgba.png'); rgb.convert('P').save(folder/'palette.png')
     rgb.convert('P').convert('RGB').save(folder/'palette_as_rgb.png')
     rgb.convert('CMYK').save(folder/'cmyk.jpg')
-    table = predict(checkpoint, [folder], tmp_path/'out').set_index('path')
+    table = predict(checkpoint, [folder], tmp_path/'out', align=False).set_index('path')
     probs = {Path(p).name: row.to_numpy() for p, row in table.iterrows()}
     np.testing.assert_allclose(probs['rotated.png'], probs['upright.png'], atol=1e-6)
     np.testing.assert_allclose(probs['gray.png'], probs['gray_as_rgb.png'], atol=1e-6)
@@ -268,7 +268,7 @@ def test_mtabn_predict_reports_a_corrupt_file_and_does_the_others(console, check
     Image.new('RGB', (50, 60), 'white').save(tmp_path/'good.jpg')
     (tmp_path/'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated jpeg')
     result = console('mtabn_predict', '--checkpoint', checkpoint, tmp_path/'corrupt.jpg', tmp_path/'good.jpg',
-                 tmp_path/'missing.png', '--out', tmp_path/'out')
+                 tmp_path/'missing.png', '--out', tmp_path/'out', '--no-align')
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert any('corrupt.jpg' in line and 'cannot decode' in line for line in lines)
@@ -286,7 +286,7 @@ def test_mtabn_predict_with_a_reference_checkpoint(console, tmp_path):
     reference = save_seed_checkpoint(model, tmp_path/'seed'/'checkpoint.pt')
     Image.new('RGB', (178, 218), 'gray').save(tmp_path/'face.png')
     result = console('mtabn_predict', '--checkpoint', reference, tmp_path/'face.png', '--out', tmp_path/'out',
-                 '--image_size', 64)
+                 '--image_size', 64, '--no-align')
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path/'out'/'predictions.csv')
     x = get_transform('fukui2019', 64)(Image.open(tmp_path/'face.png').convert('RGB'))[None]   # the references' transform
