@@ -68,7 +68,7 @@ def mtabn_synth(
 # %% ../nbs/07_cli.ipynb #0540bfde
 @command
 def mtabn_verify(
-    root: str,  # CelebA-layout folder (real CelebA or SynthCelebA), or its parent
+    root: str,  # CelebA folder (official files, Kaggle's CSV copy, in-the-wild photos, CelebAMask-HQ or SynthCelebA), or its parent
     check_images: bool = False,  # also decode every image (slow on real CelebA; without it: size and JPEG markers)
 ):
     "Check a CelebA-layout folder and print a summary; one line naming the problem and exit 2 if it is broken."
@@ -179,7 +179,7 @@ def mtabn_predict(
 @command
 def mtabn_explain(
     run_dir: str,  # run folder of an ABN model
-    data: str = None,  # CelebA-layout folder (default: the run's)
+    data: str = None,  # CelebA folder in any layout, CelebAMask-HQ for its masks as ground truth (default: the run's)
     split: str = 'valid',  # valid (where choices are made), test (once per final recipe), train, trainval or all
     n: int = 16,  # images with an attention grid
     metrics_images: int = 128,  # images the explanation metrics are measured on

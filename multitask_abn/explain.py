@@ -1041,7 +1041,8 @@ def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_i
                 report=None) -> pd.DataFrame:
     """Attention grids, attribute views and explanation metrics of ABN attention and of the `prior`, `centre` and `uniform`
     baselines (+ the `cams` of `baseline`), with counterfactual metrics on SynthCelebA -> RUN/explain/<split>/; returns the
-    summary. Choices are made on `split='valid'`; measure `test` once per final recipe. The prior is fitted on `prior_split`."""
+    summary. `data` may be any CelebA layout, CelebAMask-HQ included (its masks are then the ground truth). Choices are made
+    on `split='valid'`; measure `test` once per final recipe. The prior is fitted on `prior_split` of `data`."""
     report = report or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     config = saved_config(run_dir)
