@@ -82,13 +82,15 @@ SPLITS = {'train': (0,), 'valid': (1,), 'test': (2,), 'trainval': (0, 1), 'all':
 # images one folder deeper); 'wild': the official in-the-wild images with their landmarks, aligned on the fly (see below);
 # 'celebamask_hq': CelebAMask-HQ (its own files, see the last section).
 CELEBA_LAYOUTS = {
-    'text': dict(attributes=ATTRIBUTE_FILE, partition=PARTITION_FILE, landmarks=LANDMARK_FILE, bboxes=BBOX_FILE, images=IMAGE_DIR),
+    'text': dict(attributes=ATTRIBUTE_FILE, partition=PARTITION_FILE, landmarks=LANDMARK_FILE, bboxes=BBOX_FILE, images=IMAGE_DIR,
+                 archive=f'{IMAGE_DIR}.zip'),
     'kaggle': dict(attributes='list_attr_celeba.csv', partition='list_eval_partition.csv',
-                   landmarks='list_landmarks_align_celeba.csv', bboxes='list_bbox_celeba.csv', images=f'{IMAGE_DIR}/{IMAGE_DIR}'),
+                   landmarks='list_landmarks_align_celeba.csv', bboxes='list_bbox_celeba.csv', images=f'{IMAGE_DIR}/{IMAGE_DIR}',
+                   archive="Kaggle's archive.zip"),
     'wild': dict(attributes=ATTRIBUTE_FILE, partition=PARTITION_FILE, landmarks='list_landmarks_celeba.txt', bboxes=BBOX_FILE,
-                 images='img_celeba'),
+                 images='img_celeba', archive='img_celeba.7z'),
     'celebamask_hq': dict(attributes='CelebAMask-HQ-attribute-anno.txt', partition='CelebA-HQ-to-CelebA-mapping.txt',
-                          landmarks=None, bboxes=None, images='CelebA-HQ-img'),
+                          landmarks=None, bboxes=None, images='CelebA-HQ-img', archive='CelebAMask-HQ.zip'),
 }
 
 def _attribute_file(folder: Path) -> Path | None:
@@ -127,6 +129,12 @@ def _write_lines(path: Path, lines: list[str], crlf: bool, final_newline: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes((end.join(lines) + (end if final_newline else '')).encode())
 
+# The official text files, as published: `000001.jpg -1  1  1 -1 ...` (the first value unpadded, the others right-aligned
+# in 3-character fields), landmarks and boxes padded with runs of spaces, header lines ending with a space.
+# table -> (format of its first value, of the other values, its names line or None for no header)
+_TEXT_FORMATS = {'attributes': ('', '>3', '{} '), 'partition': ('', '', None), 'landmarks': ('>5', '>5', '{} '),
+                 'bboxes': ('>5', '>4', 'image_id {} ')}
+
 def write_celeba_annotations(root, filenames, labels, partition, landmarks=None, bboxes=None, layout: str = 'text',
                              crlf: bool | None = None):
     """Write CelebA's annotation files into `root` exactly as published: labels N x 40 in {0,1}, partition N in {0,1,2},
@@ -145,13 +153,10 @@ def write_celeba_annotations(root, filenames, labels, partition, landmarks=None,
             rows = [','.join(map(str, [name, *row])) for name, row in zip(names, values)]
             _write_lines(root/files[kind], [','.join(('image_id', *columns)), *rows], crlf, final_newline=False)
             continue
-        # The official files: `000001.jpg -1  1  1 -1 ...` (values right-aligned in 3-character fields, the first one
-        # unpadded), landmarks and boxes padded with runs of spaces; the header lines end with a space.
-        rows = {'attributes': lambda: _text_rows(names, values, '', '>3'), 'partition': lambda: _text_rows(names, values, '', ''),
-                'landmarks': lambda: _text_rows(names, values, '>5', '>5'), 'bboxes': lambda: _text_rows(names, values, '>5', '>4')}[kind]()
-        header = {'attributes': ' '.join(columns) + ' ', 'landmarks': ' '.join(columns) + ' ',
-                  'bboxes': 'image_id ' + ' '.join(columns) + ' '}.get(kind)
-        _write_lines(root/files[kind], rows if header is None else [str(len(names)), header, *rows], crlf)
+        first, rest, names_line = _TEXT_FORMATS[kind]
+        header = [] if names_line is None else [str(len(names)), names_line.format(' '.join(columns))]
+        _write_lines(root/files[kind], [*header, *_text_rows(names, values, first, rest)], crlf)
+
 
 # %% ../nbs/00_data.ipynb #9eda9b36
 def _bad_line(path, line: int, problem: str) -> MtabnError:
@@ -372,7 +377,7 @@ class CelebA:
     def missing_images(self, names=None) -> list[str]:
         "Listed images absent from the image folder (one directory listing, not one stat per image)."
         if not self.image_dir.is_dir():
-            raise MtabnError(f"image folder {self.image_dir} not found: extract {self.files['images'].split('/')[0]}.zip into {self.root}")
+            raise MtabnError(f"image folder {self.image_dir} not found: extract {self.files['archive']} into {self.root}")
         present = set(os.listdir(self.image_dir))
         return [n for n in (self.attributes.index if names is None else names) if n not in present]
 
@@ -546,7 +551,7 @@ def verify(root, check_images: bool = False, show: bool = True) -> pd.DataFrame:
     on the first problem. Every listed image is checked cheaply (size, JPEG markers) and, with `check_images`, decoded; with
     `show`, each bad image is printed to stderr on a line of its own before the error."""
     celeba = CelebA(root)
-    archive = f"{celeba.files['images'].split('/')[0]}.zip"
+    archive = celeba.files['archive']
     missing = celeba.missing_images()
     if missing:
         raise MtabnError(f"{celeba.image_dir/missing[0]} not found: {len(missing)} of {len(celeba.attributes)} listed images "
