@@ -16,10 +16,13 @@ install: $(INSTALLED)
 # torch ships one Python-3.12-only test file that older interpreters cannot compile.
 # Quantus (a test-only cross-check of the explanation metrics) is installed without its declared dependencies: it asks for
 # opencv-python, whose cv2/ would overwrite opencv-python-headless's; its other needs are dev requirements.
+# facenet-pytorch (the face detector of `mtabn_predict --align`, MTCNN with its weights in the wheel) likewise: its metadata
+# pins torch<2.3, numpy<2 and Pillow<10.3, yet its MTCNN runs on the versions pinned here (tests/test_align.py).
 $(INSTALLED): settings.ini setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt quantus
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt facenet-pytorch
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib/python3*/site-packages > /dev/null
 	touch $@
 

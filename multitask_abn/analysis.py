@@ -71,7 +71,7 @@ def data_kind(config: dict, test_images: int | None = None) -> str:
     "'celeba' (real CelebA), 'synth' (SynthCelebA) or 'unknown', decided from the run's `data` folder."
     root = _data_root(config.get('data'))
     annotation_dirs = [d for d in ((root, *root.iterdir()) if root else ())
-                       if d.is_dir() and (d / 'list_attr_celeba.txt').is_file()]
+                       if d.is_dir() and any((d / f).is_file() for f in ('list_attr_celeba.txt', 'list_attr_celeba.csv'))]   # official or Kaggle's
     if any((d / marker).exists() for d in annotation_dirs for marker in SYNTH_MARKERS): return 'synth'
     if annotation_dirs: return 'celeba'
     # The data folder is gone (a run copied to another machine): the official test-split size is the only clue left.

@@ -68,7 +68,7 @@ def mtabn_synth(
 # %% ../nbs/07_cli.ipynb #0540bfde
 @command
 def mtabn_verify(
-    root: str,  # CelebA-layout folder (real CelebA or SynthCelebA), or its parent
+    root: str,  # CelebA folder (official files, Kaggle's CSV copy, in-the-wild photos, CelebAMask-HQ or SynthCelebA), or its parent
     check_images: bool = False,  # also decode every image (slow on real CelebA; without it: size and JPEG markers)
 ):
     "Check a CelebA-layout folder and print a summary; one line naming the problem and exit 2 if it is broken."
@@ -169,18 +169,22 @@ def mtabn_predict(
     no_grids: bool = False,  # write predictions.csv only
     device: str = 'auto',  # auto, cpu, cuda or cuda:N
     thresholds: str = 'default',  # decisions: default (logit >= 0), or accuracy / balanced_accuracy (tuned on valid by mtabn_eval --thresholds)
+    align: bool = False,  # detect every face and align it like CelebA's crops (the default when a face detector is installed)
+    no_align: bool = False,  # predict on the whole images, resized (no face detection)
 ):
-    "Predict the 40 attributes of image files: OUT/predictions.csv and an attention grid per image."
+    "Predict the 40 attributes of image files (of each face, aligned like CelebA's crops): OUT/predictions.csv and attention grids."
     from multitask_abn.explain import predict
     with user_errors('mtabn_predict'):
-        table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size, thresholds=thresholds, device=device,
+        if align and no_align: raise MtabnError('--align and --no-align both given: choose one')
+        table = predict(checkpoint, paths, out, mode=mode, grids=not no_grids, transform=transform, image_size=image_size,
+                        align=True if align else False if no_align else None, thresholds=thresholds, device=device,
                         report=lambda message: print(f"mtabn_predict: {message}", file=sys.stderr))
-    print(f"{len(table)} images -> {Path(out) / 'predictions.csv'}")
+    print(f"{len(table)} {'faces' if 'face' in table.columns else 'images'} -> {Path(out) / 'predictions.csv'}")
 
 @command
 def mtabn_explain(
     run_dir: str,  # run folder of an ABN model
-    data: str = None,  # CelebA-layout folder (default: the run's)
+    data: str = None,  # CelebA folder in any layout, CelebAMask-HQ for its masks as ground truth (default: the run's)
     split: str = 'valid',  # valid (where choices are made), test (once per final recipe), train, trainval or all
     n: int = 16,  # images with an attention grid
     metrics_images: int = 128,  # images the explanation metrics are measured on

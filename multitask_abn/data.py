@@ -6,11 +6,16 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['CELEBA_ATTRIBUTES', 'NUM_ATTRIBUTES', 'CELEBA_MEAN', 'CELEBA_STD', 'CELEBA_TRAIN_FREQUENCIES', 'ATTRIBUTE_FILE',
-           'PARTITION_FILE', 'LANDMARK_FILE', 'IMAGE_DIR', 'LANDMARK_COLUMNS', 'SPLITS', 'PRESET_NORMALIZATION',
-           'JPEG_START', 'JPEG_END', 'MtabnError', 'find_celeba_root', 'write_celeba_annotations', 'read_attributes',
-           'read_partition', 'read_landmarks', 'CelebA', 'load_image', 'get_transform', 'denormalize', 'CelebADataset',
-           'positive_frequency', 'pos_weight', 'mean_std', 'find_bad_images', 'verify']
+__all__ = ['CELEBA_ATTRIBUTES', 'NUM_ATTRIBUTES', 'CELEBA_MEAN', 'CELEBA_STD', 'CELEBA_TRAIN_FREQUENCIES',
+           'CELEBA_TEST_MAJORITY_ACCURACY', 'ATTRIBUTE_FILE', 'PARTITION_FILE', 'LANDMARK_FILE', 'BBOX_FILE',
+           'IMAGE_DIR', 'LANDMARK_COLUMNS', 'BBOX_COLUMNS', 'SPLITS', 'CELEBA_LAYOUTS', 'ALIGNED_SIZE',
+           'CELEBA_ALIGNED_TEMPLATE', 'PRESET_NORMALIZATION', 'JPEG_START', 'JPEG_END', 'HQ_MASK_DIR',
+           'HQ_MASKS_PER_FOLDER', 'CELEBAMASK_HQ_CLASSES', 'HQ_MAPPING_COLUMNS', 'CELEBA_SPLIT_RANGES', 'MtabnError',
+           'find_celeba_root', 'celeba_layout', 'write_celeba_annotations', 'read_attributes', 'read_partition',
+           'read_landmarks', 'read_bboxes', 'similarity_transform', 'transform_points', 'align_face', 'CelebA',
+           'load_image', 'get_transform', 'denormalize', 'CelebADataset', 'positive_frequency', 'pos_weight',
+           'mean_std', 'find_bad_images', 'verify', 'read_hq_mapping', 'hq_partition', 'hq_mask_path', 'load_hq_masks',
+           'missing_hq_masks', 'write_hq_annotations']
 
 # %% ../nbs/00_data.ipynb #11ad9386
 CELEBA_ATTRIBUTES = (
@@ -35,6 +40,11 @@ CELEBA_TRAIN_FREQUENCIES = (
     0.0305217, 0.0088749, 0.0071632, 0.0062315, 0.0531404, 0.0231039, 0.0353784, 0.0206640, 0.0054713,
     0.0520222, 0.0134512, 0.0080922, 0.0862905)
 
+# Majority-class baseline on the real test split (mean accuracy over the 40 attributes), measured on the official annotation
+# files (MD5s equal to the release's) on 2026-12-01: each attribute answering its train-split majority (the rule of
+# metrics' majority baseline) and, for reference, the test split's own majority.
+CELEBA_TEST_MAJORITY_ACCURACY = {'train_majority': 0.7991, 'test_majority': 0.8004}
+
 # %% ../nbs/00_data.ipynb #5a1869ec
 class MtabnError(Exception):
     "A problem with the user's input: the message is one line naming the file/line/parameter and the fix."
@@ -42,11 +52,13 @@ class MtabnError(Exception):
 # %% ../nbs/00_data.ipynb #a4cf81b0
 import io
 import os
+import re
 import sys
 import warnings
 from functools import cached_property
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -59,37 +71,92 @@ from tqdm.auto import tqdm
 ATTRIBUTE_FILE = 'list_attr_celeba.txt'
 PARTITION_FILE = 'list_eval_partition.txt'
 LANDMARK_FILE = 'list_landmarks_align_celeba.txt'
+BBOX_FILE = 'list_bbox_celeba.txt'
 IMAGE_DIR = 'img_align_celeba'
 LANDMARK_COLUMNS = ('lefteye_x', 'lefteye_y', 'righteye_x', 'righteye_y', 'nose_x', 'nose_y',
                     'leftmouth_x', 'leftmouth_y', 'rightmouth_x', 'rightmouth_y')
+BBOX_COLUMNS = ('x_1', 'y_1', 'width', 'height')
 SPLITS = {'train': (0,), 'valid': (1,), 'test': (2,), 'trainval': (0, 1), 'all': (0, 1, 2)}
 
+# Where each layout keeps what. 'text': the official Google Drive files; 'kaggle': Kaggle's redistribution (CSV files,
+# images one folder deeper); 'wild': the official in-the-wild images with their landmarks, aligned on the fly (see below);
+# 'celebamask_hq': CelebAMask-HQ (its own files, see the last section).
+CELEBA_LAYOUTS = {
+    'text': dict(attributes=ATTRIBUTE_FILE, partition=PARTITION_FILE, landmarks=LANDMARK_FILE, bboxes=BBOX_FILE, images=IMAGE_DIR,
+                 archive=f'{IMAGE_DIR}.zip'),
+    'kaggle': dict(attributes='list_attr_celeba.csv', partition='list_eval_partition.csv',
+                   landmarks='list_landmarks_align_celeba.csv', bboxes='list_bbox_celeba.csv', images=f'{IMAGE_DIR}/{IMAGE_DIR}',
+                   archive="Kaggle's archive.zip"),
+    'wild': dict(attributes=ATTRIBUTE_FILE, partition=PARTITION_FILE, landmarks='list_landmarks_celeba.txt', bboxes=BBOX_FILE,
+                 images='img_celeba', archive='img_celeba.7z'),
+    'celebamask_hq': dict(attributes='CelebAMask-HQ-attribute-anno.txt', partition='CelebA-HQ-to-CelebA-mapping.txt',
+                          landmarks=None, bboxes=None, images='CelebA-HQ-img', archive='CelebAMask-HQ.zip'),
+}
+
+def _attribute_file(folder: Path) -> Path | None:
+    return next((folder/CELEBA_LAYOUTS[layout]['attributes'] for layout in ('text', 'kaggle', 'celebamask_hq')
+                 if (folder/CELEBA_LAYOUTS[layout]['attributes']).is_file()), None)
+
 def find_celeba_root(path) -> Path:
-    "The folder holding CelebA's annotation files: `path` itself or torchvision's `path/celeba`."
+    "The folder holding CelebA's annotation files (any layout of `CELEBA_LAYOUTS`): `path` itself or torchvision's `path/celeba`."
     path = Path(path).expanduser()
     for candidate in (path, path/'celeba'):
-        if (candidate/ATTRIBUTE_FILE).is_file(): return candidate
+        if _attribute_file(candidate): return candidate
     if not path.exists():
         raise MtabnError(f"CelebA folder not found: {path} (pass the folder holding {ATTRIBUTE_FILE}, "
                          f"or generate a synthetic one with `mtabn_synth {path}`)")
     raise MtabnError(f"{path/ATTRIBUTE_FILE} not found: pass the CelebA folder holding {ATTRIBUTE_FILE}, "
-                     f"{PARTITION_FILE} and {IMAGE_DIR}/ (or its parent holding celeba/)")
+                     f"{PARTITION_FILE} and {IMAGE_DIR}/ (or Kaggle's list_attr_celeba.csv, list_eval_partition.csv and "
+                     f"{IMAGE_DIR}/{IMAGE_DIR}/; or its parent holding celeba/)")
+
+def celeba_layout(root) -> str:
+    """The layout of a CelebA folder: 'celebamask_hq' or 'kaggle' by their attribute files; for the official text files
+    'text' when the aligned images are there, 'wild' when only the in-the-wild images `img_celeba/` are."""
+    root = find_celeba_root(root)
+    attributes = _attribute_file(root).name
+    if attributes == CELEBA_LAYOUTS['celebamask_hq']['attributes']: return 'celebamask_hq'
+    if attributes == CELEBA_LAYOUTS['kaggle']['attributes']: return 'kaggle'
+    wild = CELEBA_LAYOUTS['wild']
+    return 'wild' if not (root/IMAGE_DIR).is_dir() and (root/wild['images']).is_dir() else 'text'
 
 # %% ../nbs/00_data.ipynb #0e83f4c2
-def _format_rows(names, values, width: int) -> list[str]:
-    return [f"{name} " + ' '.join(f"{v:>{width}}" for v in row) for name, row in zip(names, values)]
+def _text_rows(names, values, first: str, rest: str) -> list[str]:
+    "Rows `name v1 v2 ...` with the first value formatted by `first`, the others by `rest` (format specs)."
+    return [f"{name} {row[0]:{first}}" + ''.join(f"{v:{rest}}" for v in row[1:]) for name, row in zip(names, values)]
 
-def write_celeba_annotations(root, filenames, labels, partition, landmarks=None):
-    "Write CelebA's annotation files into `root`: labels N x 40 in {0,1}, partition N in {0,1,2}, landmarks N x 10."
-    root = Path(root); root.mkdir(parents=True, exist_ok=True)
-    labels = np.asarray(labels, dtype=np.int64) * 2 - 1
-    header = [str(len(filenames)), ' '.join(CELEBA_ATTRIBUTES)]
-    (root/ATTRIBUTE_FILE).write_text('\n'.join(header + _format_rows(filenames, labels, 2)) + '\n')
-    (root/PARTITION_FILE).write_text(''.join(f"{f} {int(p)}\n" for f, p in zip(filenames, partition)))
-    if landmarks is not None:
-        header = [str(len(filenames)), ' '.join(LANDMARK_COLUMNS)]
-        rows = _format_rows(filenames, np.asarray(landmarks, dtype=np.int64), 4)
-        (root/LANDMARK_FILE).write_text('\n'.join(header + rows) + '\n')
+def _write_lines(path: Path, lines: list[str], crlf: bool, final_newline: bool = True):
+    end = '\r\n' if crlf else '\n'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((end.join(lines) + (end if final_newline else '')).encode())
+
+# The official text files, as published: `000001.jpg -1  1  1 -1 ...` (the first value unpadded, the others right-aligned
+# in 3-character fields), landmarks and boxes padded with runs of spaces, header lines ending with a space.
+# table -> (format of its first value, of the other values, its names line or None for no header)
+_TEXT_FORMATS = {'attributes': ('', '>3', '{} '), 'partition': ('', '', None), 'landmarks': ('>5', '>5', '{} '),
+                 'bboxes': ('>5', '>4', 'image_id {} ')}
+
+def write_celeba_annotations(root, filenames, labels, partition, landmarks=None, bboxes=None, layout: str = 'text',
+                             crlf: bool | None = None):
+    """Write CelebA's annotation files into `root` exactly as published: labels N x 40 in {0,1}, partition N in {0,1,2},
+    landmarks and bboxes N x 10 / N x 4 (optional). `layout` 'text' (the official files), 'wild' (the same, the landmarks
+    in `list_landmarks_celeba.txt`) or 'kaggle' (Kaggle's CSV files); `crlf`: CRLF line endings (default: only for
+    'kaggle'; the official files have them too, mirrors often do not)."""
+    if layout not in ('text', 'wild', 'kaggle'): raise MtabnError(f"layout={layout!r}: use 'text', 'wild' or 'kaggle'")
+    root, files, crlf = Path(root), CELEBA_LAYOUTS[layout], layout == 'kaggle' if crlf is None else crlf
+    names, labels = list(filenames), np.asarray(labels, dtype=np.int64) * 2 - 1
+    tables = [('attributes', CELEBA_ATTRIBUTES, labels), ('partition', ('partition',), np.asarray(partition, np.int64)[:, None]),
+              ('landmarks', LANDMARK_COLUMNS, landmarks), ('bboxes', BBOX_COLUMNS, bboxes)]
+    for kind, columns, values in tables:
+        if values is None: continue
+        values = np.asarray(values, dtype=np.int64)
+        if layout == 'kaggle':            # header `image_id,...`; Kaggle's files end without a newline after the last row
+            rows = [','.join(map(str, [name, *row])) for name, row in zip(names, values)]
+            _write_lines(root/files[kind], [','.join(('image_id', *columns)), *rows], crlf, final_newline=False)
+            continue
+        first, rest, names_line = _TEXT_FORMATS[kind]
+        header = [] if names_line is None else [str(len(names)), names_line.format(' '.join(columns))]
+        _write_lines(root/files[kind], [*header, *_text_rows(names, values, first, rest)], crlf)
+
 
 # %% ../nbs/00_data.ipynb #9eda9b36
 def _bad_line(path, line: int, problem: str) -> MtabnError:
@@ -103,28 +170,41 @@ def _read_text(path) -> str:
         raise _bad_line(path, data.count(b'\n', 0, e.start) + 1,
                         f"byte {data[e.start]:#04x} is not text: this is not a CelebA annotation file") from None
 
+def _is_csv(path) -> bool: return Path(path).suffix.lower() == '.csv'
+
 def _read_table(path, text: str, skiprows: int, columns: int) -> pd.DataFrame:
-    "Whitespace-separated `filename v1 ... vN` rows of `path`'s `text`; wrong field counts reported by line."
+    "`filename v1 ... vN` rows of `path`'s `text` (whitespace-separated, or comma-separated in a .csv); wrong field counts reported by line."
+    sep = ',' if _is_csv(path) else r'\s+'
     try:
-        table = pd.read_csv(io.StringIO(text), sep=r'\s+', skiprows=skiprows, header=None, dtype={0: str},
-                            names=range(columns + 1), index_col=False)
-    except pd.errors.ParserError as e:
-        line = int(str(e).split('line ')[1].split(',')[0]) + skiprows if 'line ' in str(e) else '?'
-        raise _bad_line(path, line, f"expected {columns + 1} fields (filename + {columns} values): {e}") from None
+        table = pd.read_csv(io.StringIO(text), sep=sep, skiprows=skiprows, header=None, dtype={0: str},
+                            names=range(columns + 1), index_col=False, skip_blank_lines=False)
+    except pd.errors.ParserError as e:     # pandas counts lines from the top of the file, skipped ones included
+        found = re.search(r'line (\d+), saw (\d+)', str(e))
+        line, saw = (int(found[1]), f", found {found[2]}") if found else ('?', '')
+        raise _bad_line(path, line, f"expected {columns + 1} fields (filename + {columns} values){saw}") from None
+    if len(table) and table.iloc[-1].isna().all(): table = table.iloc[:-1]      # the file's final line ending
     short = table[columns].isna().to_numpy().nonzero()[0]
     if len(short):
         raise _bad_line(path, skiprows + short[0] + 1, f"expected {columns + 1} fields (filename + {columns} values)")
     return table
 
 def _to_int(table: pd.DataFrame, path, skiprows: int, allowed, what: str) -> np.ndarray:
-    "The value columns as int, with the first value outside `allowed` reported by line and column."
-    values = table.iloc[:, 1:].apply(pd.to_numeric, errors='coerce').to_numpy()
-    bad = np.ones(values.shape, bool)
-    for value in allowed: bad &= values != value
+    "The value columns as int, with the first value outside `allowed` (None: any integer) reported by line and column."
+    values = table.iloc[:, 1:].apply(pd.to_numeric, errors='coerce').to_numpy(np.float64)
+    if allowed is None: bad, expected = np.isnan(values) | (values != np.round(values)), 'an integer'
+    else:
+        bad, expected = np.ones(values.shape, bool), f"one of {list(allowed)}"
+        for value in allowed: bad &= values != value
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise _bad_line(path, skiprows + row + 1, f"{what} '{table.iat[row, col + 1]}' in column {col + 2} is not one of {list(allowed)}")
+        raise _bad_line(path, skiprows + row + 1, f"{what} '{table.iat[row, col + 1]}' in column {col + 2} is not {expected}")
     return values.astype(np.int64)
+
+def _check_names(path, line: int, found, expected):
+    if tuple(found) != tuple(expected):
+        diff = next((f"column {i+1} is {a!r}, expected {b!r}" for i, (a, b) in enumerate(zip(found, expected)) if a != b),
+                    f"{len(found)} names, expected {len(expected)}")
+        raise _bad_line(path, line, f"unexpected header: {diff}")
 
 def _read_header(path, text: str, expected_names) -> int:
     "Check CelebA's two header lines (count, column names) of `path`'s `text`; return the declared row count."
@@ -132,10 +212,7 @@ def _read_header(path, text: str, expected_names) -> int:
     count_line, names_line = count_line.strip(), names_line.split()
     if not count_line.isdigit():
         raise _bad_line(path, 1, f"expected the number of images, found {count_line[:40]!r}")
-    if tuple(names_line) != tuple(expected_names):
-        diff = next((f"column {i+1} is {a!r}, expected {b!r}" for i, (a, b) in enumerate(zip(names_line, expected_names)) if a != b),
-                    f"{len(names_line)} names, expected {len(expected_names)}")
-        raise _bad_line(path, 2, f"unexpected header: {diff}")
+    _check_names(path, 2, names_line, expected_names)
     return int(count_line)
 
 def _check_rows(path, table: pd.DataFrame, declared: int | None, skiprows: int):
@@ -145,69 +222,142 @@ def _check_rows(path, table: pd.DataFrame, declared: int | None, skiprows: int):
     if len(duplicated):
         raise _bad_line(path, skiprows + duplicated[0] + 1, f"image {table.iat[duplicated[0], 0]} is listed twice")
 
-def read_attributes(path) -> pd.DataFrame:
-    "`list_attr_celeba.txt` -> DataFrame indexed by file name, 40 columns of 0/1 (int8), canonical order."
+def _read_annotation(path, columns, allowed=None, what: str = 'value', counted: bool = True, header_names=None) -> pd.DataFrame:
+    """One annotation file -> DataFrame file name -> int `columns`, validated line by line. Official text files have a count
+    line and a names line (`header_names`, default `columns`) unless not `counted`; Kaggle's .csv files one `image_id,...` line."""
     text = _read_text(path)
-    declared = _read_header(path, text, CELEBA_ATTRIBUTES)
-    table = _read_table(path, text, 2, NUM_ATTRIBUTES)
-    _check_rows(path, table, declared, 2)
-    values = _to_int(table, path, 2, (-1, 1), 'label')
-    return pd.DataFrame((values > 0).astype(np.int8), index=pd.Index(table[0], name='image'), columns=list(CELEBA_ATTRIBUTES))
+    if _is_csv(path):
+        _check_names(path, 1, [name.strip() for name in text.split('\n', 1)[0].split(',')], ('image_id', *columns))
+        declared, skiprows = None, 1
+    elif counted: declared, skiprows = _read_header(path, text, header_names or columns), 2
+    else: declared, skiprows = None, 0
+    table = _read_table(path, text, skiprows, len(columns))
+    _check_rows(path, table, declared, skiprows)
+    values = _to_int(table, path, skiprows, allowed, what)
+    return pd.DataFrame(values, index=pd.Index(table[0], name='image'), columns=list(columns))
+
+def read_attributes(path) -> pd.DataFrame:
+    "`list_attr_celeba.txt` (or Kaggle's .csv) -> DataFrame indexed by file name, 40 columns of 0/1 (int8), canonical order."
+    return (_read_annotation(path, CELEBA_ATTRIBUTES, (-1, 1), 'label') > 0).astype(np.int8)
 
 def read_partition(path) -> pd.Series:
-    "`list_eval_partition.txt` -> Series file name -> split id (0 train, 1 valid, 2 test)."
-    table = _read_table(path, _read_text(path), 0, 1)
-    _check_rows(path, table, None, 0)
-    values = _to_int(table, path, 0, (0, 1, 2), 'partition id')
-    return pd.Series(values[:, 0].astype(np.int8), index=pd.Index(table[0], name='image'), name='partition')
+    "`list_eval_partition.txt` (or Kaggle's .csv) -> Series file name -> split id (0 train, 1 valid, 2 test)."
+    table = _read_annotation(path, ('partition',), (0, 1, 2), 'partition id', counted=False)
+    return table['partition'].astype(np.int8)
 
 def read_landmarks(path) -> pd.DataFrame:
-    "`list_landmarks_align_celeba.txt` -> DataFrame file name -> 10 landmark coordinates (x, y pairs)."
-    text = _read_text(path)
-    declared = _read_header(path, text, LANDMARK_COLUMNS)
-    table = _read_table(path, text, 2, len(LANDMARK_COLUMNS))
-    _check_rows(path, table, declared, 2)
-    values = table.iloc[:, 1:].apply(pd.to_numeric, errors='coerce')
-    if values.isna().any().any():
-        row = values.isna().any(axis=1).to_numpy().nonzero()[0][0]
-        raise _bad_line(path, row + 3, "landmark coordinates must be integers")
-    return pd.DataFrame(values.to_numpy(np.int64), index=pd.Index(table[0], name='image'), columns=list(LANDMARK_COLUMNS))
+    "`list_landmarks_align_celeba.txt`, `list_landmarks_celeba.txt` (or Kaggle's .csv) -> DataFrame file name -> 10 landmark coordinates (x, y pairs)."
+    return _read_annotation(path, LANDMARK_COLUMNS, what='landmark coordinate')
+
+def read_bboxes(path) -> pd.DataFrame:
+    "`list_bbox_celeba.txt` (or Kaggle's .csv) -> DataFrame file name -> x_1, y_1, width, height of the face in the in-the-wild image."
+    return _read_annotation(path, BBOX_COLUMNS, what='box coordinate', header_names=('image_id', *BBOX_COLUMNS))
+
+# %% ../nbs/00_data.ipynb #1b079286
+ALIGNED_SIZE = (178, 218)     # (width, height) of CelebA's aligned crops
+
+# CelebA's aligned template: the mean of the 5 landmarks over list_landmarks_align_celeba.txt (left eye, right eye, nose,
+# left and right mouth corner; x, y in pixels of the 178 x 218 crop), rounded to whole pixels as recorded in the CelebA
+# alignment script of ALAE (Pidhorskyi et al., CVPR 2020, `align_faces.py`: "69 111 108 111 88 136 72 152 105 152").
+# Not recomputed here (the real file is not on this machine); the file's first rows (e.g. 000001.jpg: 69 109, 106 113,
+# 77 142, 73 152, 108 154) lie within a few pixels of it.
+CELEBA_ALIGNED_TEMPLATE = np.array([[69, 111], [108, 111], [88, 136], [72, 152], [105, 152]], np.float64)
+
+def similarity_transform(source, target=CELEBA_ALIGNED_TEMPLATE) -> np.ndarray:
+    """The 2 x 3 similarity (rotation, uniform scale, translation; no reflection) mapping the points `source` onto `target`
+    (k x 2 each, or 2k coordinates) with the least squared error (Umeyama 1991). Also batched: source B x k x 2 -> B x 2 x 3."""
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64).reshape(-1, 2)
+    batched = source.ndim == 3 or (source.ndim == 2 and source.shape[1] == 2 * len(target))
+    source = source.reshape(-1, len(target), 2)
+    # In complex numbers a similarity is z -> a z + b; least squares gives a = sum(conj(s) t) / sum(|s|^2) about the means.
+    s, t = source[..., 0] + 1j * source[..., 1], target[:, 0] + 1j * target[:, 1]
+    s_mean, t_mean = s.mean(-1, keepdims=True), t.mean()
+    a = ((np.conj(s - s_mean) * (t - t_mean)).sum(-1) / np.maximum((np.abs(s - s_mean) ** 2).sum(-1), 1e-12))
+    b = t_mean - a * s_mean[:, 0]
+    matrices = np.stack([np.stack([a.real, -a.imag, b.real], -1), np.stack([a.imag, a.real, b.imag], -1)], 1)
+    return matrices if batched else matrices[0]
+
+def transform_points(matrix: np.ndarray, points) -> np.ndarray:
+    "Points (k x 2, or 2k coordinates) mapped by a 2 x 3 affine `matrix`, in the shape given."
+    points = np.asarray(points, np.float64)
+    mapped = points.reshape(-1, 2) @ matrix[:, :2].T + matrix[:, 2]
+    return mapped.reshape(points.shape)
+
+def align_face(image, landmarks, size: tuple[int, int] = ALIGNED_SIZE) -> tuple[Image.Image, np.ndarray]:
+    """A photo cropped like CelebA's aligned images: the similarity that puts its 5 `landmarks` (CelebA's column order) on
+    `CELEBA_ALIGNED_TEMPLATE`, applied to a `size` (width, height) crop; returns (crop, the 2 x 3 matrix). Outside the photo is black."""
+    matrix = similarity_transform(landmarks)
+    if size != ALIGNED_SIZE:             # the template scaled with the crop
+        matrix = np.diag([size[0] / ALIGNED_SIZE[0], size[1] / ALIGNED_SIZE[1]]) @ matrix
+    pixels = np.asarray(image.convert('RGB') if isinstance(image, Image.Image) else image)
+    crop = cv2.warpAffine(pixels, matrix, tuple(size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return Image.fromarray(crop), matrix
 
 # %% ../nbs/00_data.ipynb #3cf2451e
 class CelebA:
-    "Validated annotations of a CelebA-layout folder (real CelebA or SynthCelebA)."
-    def __init__(self, root):
+    """Validated annotations of a CelebA folder in any layout of `CELEBA_LAYOUTS` (real CelebA, Kaggle's copy, the in-the-wild
+    images, CelebAMask-HQ, or SynthCelebA); `layout` None: `celeba_layout(root)`."""
+    def __init__(self, root, layout: str | None = None):
         self.root = find_celeba_root(root)
-        self.image_dir = self.root/IMAGE_DIR
-        partition_path = self._required(PARTITION_FILE)
-        self.attributes = read_attributes(self.root/ATTRIBUTE_FILE)
-        self.partition = read_partition(partition_path)
-        self._check_same_images(partition_path)
+        self.layout = layout or celeba_layout(self.root)
+        if self.layout not in CELEBA_LAYOUTS:
+            raise MtabnError(f"layout={self.layout!r}: use one of {', '.join(CELEBA_LAYOUTS)}")
+        self.files = CELEBA_LAYOUTS[self.layout]
+        nested = self.root/IMAGE_DIR/IMAGE_DIR           # Kaggle's zip nests the images; some users flatten it
+        self.image_dir = (nested if self.layout in ('text', 'kaggle') and nested.is_dir() else self.root/self.files['images'])
+        self.attributes = read_attributes(self._required('attributes'))
+        if self.layout == 'celebamask_hq':
+            self.hq_mapping = read_hq_mapping(self._required('partition'))
+            self.partition = hq_partition(self.hq_mapping, self.root/self.files['partition'])
+        else: self.partition = read_partition(self._required('partition'))
+        self._check_same_images()
 
-    def _required(self, name) -> Path:
-        if not (self.root/name).is_file():
-            raise MtabnError(f"{self.root/name} not found: CelebA needs {ATTRIBUTE_FILE}, {PARTITION_FILE} and {IMAGE_DIR}/ in {self.root}")
-        return self.root/name
+    def _required(self, kind: str) -> Path:
+        path = self.root/self.files[kind]
+        if not path.is_file():
+            needed = ', '.join(self.files[k] for k in ('attributes', 'partition')) + f" and {self.files['images']}/"
+            extra = f" and {self.files['landmarks']} (the in-the-wild images are aligned with it)" if self.layout == 'wild' else ''
+            raise MtabnError(f"{path} not found: the {self.layout} layout needs {needed}{extra} in {self.root}")
+        return path
 
-    def _check_same_images(self, partition_path):
+    def _check_same_images(self):
         if self.attributes.index.equals(self.partition.index): return
         only_attr = self.attributes.index.difference(self.partition.index)
         only_part = self.partition.index.difference(self.attributes.index)
+        attribute_file, partition_file = self.files['attributes'], self.files['partition']
         if len(only_attr) or len(only_part):
-            name, there, missing = ((only_attr[0], ATTRIBUTE_FILE, PARTITION_FILE) if len(only_attr)
-                                    else (only_part[0], PARTITION_FILE, ATTRIBUTE_FILE))
+            name, there, missing = ((only_attr[0], attribute_file, partition_file) if len(only_attr)
+                                    else (only_part[0], partition_file, attribute_file))
             raise MtabnError(f"{self.root}: {name} is listed in {there} but not in {missing} "
                              f"({len(only_attr) + len(only_part)} images differ; the two files must list the same images)")
         self.partition = self.partition.reindex(self.attributes.index)
 
+    def _per_image(self, kind: str, reader) -> pd.DataFrame:
+        if self.files[kind] is None: raise MtabnError(f"{self.root}: the {self.layout} layout has no {kind} file")
+        table = reader(self._required(kind))
+        missing = self.attributes.index.difference(table.index)
+        if len(missing):
+            raise MtabnError(f"{self.root/self.files[kind]}: no {kind} for {missing[0]} ({len(missing)} images missing)")
+        return table.reindex(self.attributes.index)
+
+    @cached_property
+    def source_landmarks(self) -> pd.DataFrame:
+        "The 5 landmarks per image as the landmark file gives them (for 'wild': in the in-the-wild photo), in `attributes` order."
+        return self._per_image('landmarks', read_landmarks)
+
     @cached_property
     def landmarks(self) -> pd.DataFrame:
-        "The 5 aligned landmarks per image (x, y pairs), in `attributes` order."
-        landmarks = read_landmarks(self._required(LANDMARK_FILE))
-        missing = self.attributes.index.difference(landmarks.index)
-        if len(missing):
-            raise MtabnError(f"{self.root/LANDMARK_FILE}: no landmarks for {missing[0]} ({len(missing)} images missing)")
-        return landmarks.reindex(self.attributes.index)
+        "The 5 landmarks per image (x, y pairs) in the images this folder yields (for 'wild': in the aligned crops)."
+        if self.layout != 'wild': return self.source_landmarks
+        source = self.source_landmarks.to_numpy(np.float64)
+        aligned = [transform_points(m, p) for m, p in zip(similarity_transform(source), source.reshape(-1, 5, 2))]
+        return pd.DataFrame(np.round(np.reshape(aligned, (-1, 10))).astype(np.int64), index=self.source_landmarks.index,
+                            columns=self.source_landmarks.columns)
+
+    @cached_property
+    def bboxes(self) -> pd.DataFrame:
+        "The face box per image (x_1, y_1, width, height in the in-the-wild photo), in `attributes` order."
+        return self._per_image('bboxes', read_bboxes)
 
     def split_index(self, split: str) -> pd.Index:
         "File names of `split` ('train', 'valid', 'test', 'trainval' or 'all'), in file order."
@@ -218,11 +368,22 @@ class CelebA:
     def missing_images(self, names=None) -> list[str]:
         "Listed images absent from the image folder (one directory listing, not one stat per image)."
         if not self.image_dir.is_dir():
-            raise MtabnError(f"image folder {self.image_dir} not found: extract {IMAGE_DIR}.zip into {self.root}")
+            raise MtabnError(f"image folder {self.image_dir} not found: extract {self.files['archive']} into {self.root}")
         present = set(os.listdir(self.image_dir))
         return [n for n in (self.attributes.index if names is None else names) if n not in present]
 
-    def __repr__(self): return f"CelebA({str(self.root)!r}, {len(self.attributes)} images)"
+    def load(self, name: str) -> Image.Image:
+        "Image `name` as training and evaluation see it: the file, or for 'wild' its crop aligned by its landmarks."
+        image = load_image(self.image_dir/name)
+        if self.layout != 'wild': return image
+        return align_face(image, self.source_landmarks.loc[name].to_numpy())[0]
+
+    def image_size(self, name: str) -> tuple[int, int]:
+        "(width, height) of image `name` as `load` returns it."
+        if self.layout == 'wild': return ALIGNED_SIZE
+        with Image.open(self.image_dir/name) as image: return image.size
+
+    def __repr__(self): return f"CelebA({str(self.root)!r}, {len(self.attributes)} images, {self.layout} layout)"
 
 # %% ../nbs/00_data.ipynb #e8d3d404
 def load_image(path) -> Image.Image:
@@ -292,7 +453,7 @@ class CelebADataset(Dataset):
     def _load(self, index: int):
         for offset in range(len(self)):
             i = (index + offset) % len(self)
-            try: return i, load_image(self.image_path(i))
+            try: return i, self.celeba.load(self.filenames[i])
             except MtabnError as e:
                 if not self.skip_bad_images: raise
                 if self.filenames[i] not in self.bad_images:
@@ -361,20 +522,35 @@ def find_bad_images(celeba: CelebA, names=None, decode: bool = False) -> list[tu
         if problem: bad.append((name, problem))
     return bad
 
+def _check_optional_files(celeba: CelebA) -> list[str]:
+    "Read the landmark and box files a folder has (required for 'wild', the masks for 'celebamask_hq'); what was checked."
+    checked = []
+    for kind in ('landmarks', 'bboxes'):
+        name = celeba.files[kind]
+        if name and ((celeba.root/name).is_file() or (kind == 'landmarks' and celeba.layout == 'wild')):
+            getattr(celeba, kind); checked.append(name)
+    if celeba.layout == 'celebamask_hq':
+        missing = missing_hq_masks(celeba)
+        if missing:
+            raise MtabnError(f"{hq_mask_path(celeba.root, missing[0], 'skin').parent}: no mask of {missing[0]} ({len(missing)} images "
+                             f"have none): re-extract {HQ_MASK_DIR}")
+        checked.append(f"{HQ_MASK_DIR}/")
+    return checked
+
 def verify(root, check_images: bool = False, show: bool = True) -> pd.DataFrame:
-    """Validate a CelebA-layout folder and return per-split counts and positive rates; `MtabnError` on the first problem.
-    Every listed image is checked cheaply (size, JPEG markers) and, with `check_images`, decoded; with `show`, each bad
-    image is printed to stderr on a line of its own before the error."""
+    """Validate a CelebA folder (any layout of `CELEBA_LAYOUTS`) and return per-split counts and positive rates; `MtabnError`
+    on the first problem. Every listed image is checked cheaply (size, JPEG markers) and, with `check_images`, decoded; with
+    `show`, each bad image is printed to stderr on a line of its own before the error."""
     celeba = CelebA(root)
+    archive = celeba.files['archive']
     missing = celeba.missing_images()
     if missing:
         raise MtabnError(f"{celeba.image_dir/missing[0]} not found: {len(missing)} of {len(celeba.attributes)} listed images "
-                         f"are missing from {celeba.image_dir} (re-extract {IMAGE_DIR})")
-    has_landmarks = (celeba.root/LANDMARK_FILE).is_file()
-    if has_landmarks: celeba.landmarks
+                         f"are missing from {celeba.image_dir} (re-extract {archive})")
+    checked = _check_optional_files(celeba)
     bad = find_bad_images(celeba, decode=check_images)
     if bad:
-        fix = f"replace it with the original from {IMAGE_DIR}.zip"
+        fix = f"replace it with the original from {archive}"
         if show:
             for name, problem in bad: print(f"{celeba.image_dir/name}: {problem}: {fix}", file=sys.stderr)
         raise MtabnError(f"{celeba.image_dir/bad[0][0]}: {bad[0][1]}; {len(bad)} of {len(celeba.attributes)} listed images "
@@ -382,9 +558,85 @@ def verify(root, check_images: bool = False, show: bool = True) -> pd.DataFrame:
     summary = pd.DataFrame({split: celeba.attributes.loc[celeba.split_index(split)].mean() for split in ('train', 'valid', 'test')}).T
     summary.insert(0, 'images', [len(celeba.split_index(s)) for s in summary.index])
     if show:
-        print(f"{celeba.root}: {len(celeba.attributes)} images, all present and whole"
-              f"{', all decode' if check_images else ''}; landmarks {'ok' if has_landmarks else 'absent'}")
+        aligned = ' (in-the-wild photos, aligned on the fly by their landmarks)' if celeba.layout == 'wild' else ''
+        print(f"{celeba.root}: {len(celeba.attributes)} images, all present and whole{', all decode' if check_images else ''}")
+        print(f"layout: {celeba.layout}, images in {celeba.image_dir.relative_to(celeba.root)}/{aligned}; "
+              f"also read: {', '.join(checked) or 'no landmarks or boxes (optional)'}")
         print(summary[['images']].T.to_string())
         print('positive rate per split:')
         print(summary.drop(columns='images').T.round(3).to_string())
     return summary
+
+# %% ../nbs/00_data.ipynb #04063f85
+HQ_MASK_DIR = 'CelebAMask-HQ-mask-anno'
+HQ_MASKS_PER_FOLDER = 2000        # masks of images 0-1999 in folder 0/, 2000-3999 in 1/, ...
+# CelebAMask-HQ's 19 classes (Lee et al., CVPR 2020): 'background' has no file, each other class one PNG per image where present.
+CELEBAMASK_HQ_CLASSES = ('background', 'skin', 'nose', 'eye_g', 'l_eye', 'r_eye', 'l_brow', 'r_brow', 'l_ear', 'r_ear', 'mouth',
+                         'u_lip', 'l_lip', 'hair', 'hat', 'ear_r', 'neck_l', 'neck', 'cloth')
+HQ_MAPPING_COLUMNS = ('idx', 'orig_idx', 'orig_file')
+# CelebA's official partition (list_eval_partition.txt) is three contiguous ranges of image numbers: train, valid, test.
+CELEBA_SPLIT_RANGES = ((1, 162_770), (162_771, 182_637), (182_638, 202_599))
+
+def read_hq_mapping(path) -> pd.DataFrame:
+    "`CelebA-HQ-to-CelebA-mapping.txt` -> DataFrame indexed by CelebA-HQ file name ('0.jpg'): orig_idx (0-based) and orig_file ('119614.jpg')."
+    text = _read_text(path)
+    _check_names(path, 1, text.split('\n', 1)[0].split(), HQ_MAPPING_COLUMNS)
+    table = _read_table(path, text, 1, 2)
+    _check_rows(path, table, None, 1)
+    numbers = table[[0, 1]].apply(pd.to_numeric, errors='coerce').to_numpy(np.float64)
+    bad = (np.isnan(numbers) | (numbers != np.round(numbers)) | (numbers < 0)).any(1).nonzero()[0]
+    if len(bad):
+        raise _bad_line(path, bad[0] + 2, f"idx and orig_idx must be non-negative integers, found {table.iat[bad[0], 0]!r} and {table.iat[bad[0], 1]!r}")
+    numbers = numbers.astype(np.int64)
+    expected = np.array([f"{i + 1:06d}.jpg" for i in numbers[:, 1]])
+    wrong = (table[2].to_numpy() != expected).nonzero()[0]
+    if len(wrong):
+        raise _bad_line(path, wrong[0] + 2, f"orig_file {table.iat[wrong[0], 2]!r} is not CelebA image orig_idx + 1 = {str(expected[wrong[0]])!r}")
+    return pd.DataFrame({'orig_idx': numbers[:, 1], 'orig_file': table[2].to_numpy()},
+                        index=pd.Index([f"{i}.jpg" for i in numbers[:, 0]], name='image'))
+
+def hq_partition(mapping: pd.DataFrame, path) -> pd.Series:
+    "The split id of each CelebA-HQ image: the official split of the CelebA image it was made from (`CELEBA_SPLIT_RANGES`)."
+    numbers = mapping.orig_idx.to_numpy() + 1
+    split = np.searchsorted([last for _, last in CELEBA_SPLIT_RANGES], numbers)
+    outside = (split > 2).nonzero()[0]
+    if len(outside):
+        raise _bad_line(path, outside[0] + 2, f"orig_idx {numbers[outside[0]] - 1} is beyond CelebA's {CELEBA_SPLIT_RANGES[-1][1]} images")
+    return pd.Series(split.astype(np.int8), index=mapping.index, name='partition')
+
+def hq_mask_path(root, name: str, part: str) -> Path:
+    "Where CelebAMask-HQ keeps class `part` of image `name` ('12.jpg' -> CelebAMask-HQ-mask-anno/0/00012_<part>.png)."
+    index = int(Path(name).stem)
+    return Path(root)/HQ_MASK_DIR/str(index // HQ_MASKS_PER_FOLDER)/f"{index:05d}_{part}.png"
+
+def load_hq_masks(root, name: str) -> dict[str, np.ndarray]:
+    """Class -> boolean mask (the annotation's resolution: 512 x 512 in the release) of CelebA-HQ image `name`, for the
+    classes present in it (a class without a file is absent); a mask that does not decode or differs in size is reported."""
+    masks = {}
+    for part in CELEBAMASK_HQ_CLASSES[1:]:
+        path = hq_mask_path(root, name, part)
+        if not path.is_file(): continue
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if mask is None: raise MtabnError(f"cannot decode mask {path}: replace it with the original from CelebAMask-HQ.zip")
+        if masks and mask.shape != next(iter(masks.values())).shape:
+            raise MtabnError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but {name}'s other masks are "
+                             f"{next(iter(masks.values())).shape[1]}x{next(iter(masks.values())).shape[0]}: replace it with the original")
+        masks[part] = mask > 127
+    return masks
+
+def missing_hq_masks(celeba: CelebA) -> list[str]:
+    "Images of a CelebAMask-HQ folder without any mask file (one listing per mask folder)."
+    mask_dir = celeba.root/HQ_MASK_DIR
+    if not mask_dir.is_dir(): raise MtabnError(f"mask folder {mask_dir} not found: extract CelebAMask-HQ.zip into {celeba.root}")
+    present = {f.split('_', 1)[0] for d in mask_dir.iterdir() if d.is_dir() for f in os.listdir(d)}
+    return [n for n in celeba.attributes.index if f"{int(Path(n).stem):05d}" not in present]
+
+def write_hq_annotations(root, labels, orig_idx, crlf: bool = False):
+    """Write CelebAMask-HQ's attribute and mapping files for the images 0.jpg, 1.jpg, ... (labels N x 40 in {0,1}; `orig_idx`:
+    the 0-based number of the CelebA image each was made from), in the release's formats."""
+    root, files, n = Path(root), CELEBA_LAYOUTS['celebamask_hq'], len(labels)
+    values = np.asarray(labels, np.int64) * 2 - 1
+    rows = [f"{i}.jpg  " + ' '.join(map(str, row)) for i, row in enumerate(values)]
+    _write_lines(root/files['attributes'], [str(n), ' '.join(CELEBA_ATTRIBUTES), *rows], crlf)
+    mapping = [(i, int(o), f"{int(o) + 1:06d}.jpg") for i, o in enumerate(orig_idx)]
+    _write_lines(root/files['partition'], [''.join(f"{v:<12}" for v in row) for row in [HQ_MAPPING_COLUMNS, *mapping]], crlf)

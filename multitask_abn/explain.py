@@ -20,11 +20,13 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import (CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
+from .data import (CELEBA_ATTRIBUTES, CELEBA_LAYOUTS, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
+                                load_hq_masks,
                                 denormalize, get_transform, load_image)
 from PIL import Image
 
 from .metrics import check_thresholds
+from .align import DETECTOR_INSTALL, align_photo, load_detector
 from .models import (atomic_write, attribute_logits, attribute_probabilities, inference_settings, load_model,
                                   read_thresholds, saved_config)
 from .train import resolve_device
@@ -34,18 +36,18 @@ from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, loa
 # %% auto #0
 __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGIN', 'WRONG', 'RIGHT', 'POINTING_TOLERANCE',
            'LANDMARK_REGIONS', 'LANDMARK_ATTRIBUTE_REGIONS', 'CAM_CLASSES', 'SALIENCY_METHODS', 'GROUND_TRUTHS',
-           'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD', 'NO_COUNTERFACTUAL',
-           'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS',
-           'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES',
-           'SCORE_SUFFIX', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps', 'feature_stride',
-           'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid', 'Explanation',
-           'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid', 'benchmark_renderers',
-           'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share', 'blurred',
-           'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
-           'transform_preset', 'images_to_uint8', 'evaluating', 'model_device', 'eval_output',
-           'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency',
-           'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map', 'fit_prior',
-           'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
+           'MASK_ATTRIBUTE_PARTS', 'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD',
+           'NO_COUNTERFACTUAL', 'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION',
+           'MEAN_ROWS', 'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS',
+           'IMAGE_SUFFIXES', 'DETECTION_COLUMNS', 'SCORE_SUFFIX', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy',
+           'scale_maps', 'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size',
+           'attention_panels', 'sigmoid', 'Explanation', 'grid_origins', 'PanelGrid', 'save_image', 'attention_grid',
+           'attribute_grid', 'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling',
+           'energy_share', 'blurred', 'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks',
+           'landmark_attribute_masks', 'transform_preset', 'images_to_uint8', 'evaluating', 'model_device',
+           'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
+           'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map',
+           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
            'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
            'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
@@ -507,20 +509,40 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if mask.shape == tuple(size): return mask.astype(bool)
     return cv2.resize(mask.astype(np.float32), size[::-1], interpolation=cv2.INTER_LINEAR) >= 0.5
 
-GROUND_TRUTHS = ('auto', 'synth', 'landmarks')
+GROUND_TRUTHS = ('auto', 'synth', 'landmarks', 'celebamask_hq')
+
+# CelebAMask-HQ class(es) carrying each attribute's evidence. Its masks have no beard, cheek, chin, forehead or necktie
+# class: those attributes get the class they lie on (skin, cloth), a coarse region; Attractive and Blurry have none.
+MASK_ATTRIBUTE_PARTS = {
+    '5_o_Clock_Shadow': ('skin',), 'Arched_Eyebrows': ('l_brow', 'r_brow'), 'Bags_Under_Eyes': ('l_eye', 'r_eye'),
+    'Bald': ('skin', 'hair'), 'Bangs': ('hair',), 'Big_Lips': ('u_lip', 'l_lip'), 'Big_Nose': ('nose',), 'Black_Hair': ('hair',),
+    'Blond_Hair': ('hair',), 'Brown_Hair': ('hair',), 'Bushy_Eyebrows': ('l_brow', 'r_brow'), 'Chubby': ('skin',),
+    'Double_Chin': ('skin', 'neck'), 'Eyeglasses': ('eye_g',), 'Goatee': ('skin',), 'Gray_Hair': ('hair',),
+    'Heavy_Makeup': ('l_eye', 'r_eye', 'u_lip', 'l_lip'), 'High_Cheekbones': ('skin',), 'Male': ('skin', 'hair'),
+    'Mouth_Slightly_Open': ('mouth', 'u_lip', 'l_lip'), 'Mustache': ('skin',), 'Narrow_Eyes': ('l_eye', 'r_eye'),
+    'No_Beard': ('skin',), 'Oval_Face': ('skin',), 'Pale_Skin': ('skin',), 'Pointy_Nose': ('nose',),
+    'Receding_Hairline': ('hair', 'skin'), 'Rosy_Cheeks': ('skin',), 'Sideburns': ('hair', 'skin'),
+    'Smiling': ('mouth', 'u_lip', 'l_lip'), 'Straight_Hair': ('hair',), 'Wavy_Hair': ('hair',), 'Wearing_Earrings': ('ear_r',),
+    'Wearing_Hat': ('hat',), 'Wearing_Lipstick': ('u_lip', 'l_lip'), 'Wearing_Necklace': ('neck_l',), 'Wearing_Necktie': ('cloth',),
+    'Young': ('skin',)}
 
 class AttributeRegions:
-    "Ground-truth attribute regions of a dataset's images: 'synth' part maps, 'landmarks' boxes, or 'auto' (part maps if present)."
+    """Ground-truth attribute regions of a dataset's images: 'synth' part maps, 'landmarks' boxes, 'celebamask_hq' masks,
+    or 'auto' (CelebAMask-HQ's masks in its layout, else part maps if present, else landmark boxes)."""
     def __init__(self, dataset, ground_truth: str = 'auto'):
         self.dataset, self.root = dataset, dataset.celeba.root
         if ground_truth not in GROUND_TRUTHS:
             raise MtabnError(f"unknown ground truth {ground_truth!r}: choose one of {', '.join(GROUND_TRUTHS)}")
-        has_parts = (self.root/PART_DIR).is_dir()
+        has_parts, is_hq = (self.root/PART_DIR).is_dir(), dataset.celeba.layout == 'celebamask_hq'
         if ground_truth == 'synth' and not has_parts:
             raise MtabnError(f"{self.root/PART_DIR} not found: part maps exist only for SynthCelebA (use ground_truth='landmarks')")
-        self.kind = 'synth' if ground_truth == 'synth' or (ground_truth == 'auto' and has_parts) else 'landmarks'
+        if ground_truth == 'celebamask_hq' and not is_hq:
+            raise MtabnError(f"{self.root} is not a CelebAMask-HQ folder (no {CELEBA_LAYOUTS['celebamask_hq']['attributes']})")
+        self.kind = ('celebamask_hq' if is_hq and ground_truth in ('auto', 'celebamask_hq') else
+                     'synth' if ground_truth == 'synth' or (ground_truth == 'auto' and has_parts) else 'landmarks')
         if self.kind == 'synth':
             self.table = {a: '+'.join(ATTRIBUTE_PARTS[a]) for a in CELEBA_ATTRIBUTES if ATTRIBUTE_PARTS.get(a)}
+        elif self.kind == 'celebamask_hq': self.table = {a: '+'.join(MASK_ATTRIBUTE_PARTS[a]) for a in CELEBA_ATTRIBUTES if a in MASK_ATTRIBUTE_PARTS}
         else: self.table = {a: LANDMARK_ATTRIBUTE_REGIONS[a] for a in CELEBA_ATTRIBUTES if a in LANDMARK_ATTRIBUTE_REGIONS}
 
     @property
@@ -529,14 +551,17 @@ class AttributeRegions:
         return [a for a in CELEBA_ATTRIBUTES if a not in self.table]
 
     def full_size_masks(self, index: int) -> dict[str, np.ndarray]:
-        "Attribute -> mask at the original image size (attributes whose region is absent from the image left out)."
+        "Attribute -> mask at the original image size (CelebAMask-HQ: its masks' size); attributes whose region is absent left out."
         name = self.dataset.filenames[index]
         if self.kind == 'synth':
             parts = load_part_map(self.root, name)
             masks = {a: attribute_mask(parts, a) for a in self.table}
+        elif self.kind == 'celebamask_hq':
+            classes = load_hq_masks(self.root, name)
+            masks = {a: np.logical_or.reduce([classes[c] for c in MASK_ATTRIBUTE_PARTS[a] if c in classes])
+                     for a in self.table if any(c in classes for c in MASK_ATTRIBUTE_PARTS[a])}
         else:
-            from PIL import Image
-            with Image.open(self.dataset.celeba.image_dir/name) as image: width, height = image.size
+            width, height = self.dataset.celeba.image_size(name)
             masks = landmark_attribute_masks(self.dataset.celeba.landmarks.loc[name].to_numpy(), (height, width))
         return {a: m for a, m in masks.items() if m.any()}
 
@@ -544,7 +569,6 @@ class AttributeRegions:
         "Attribute -> mask at the model's input `size` (H, W)."
         masks = {a: resize_mask(m, size) for a, m in self.full_size_masks(index).items()}
         return {a: m for a, m in masks.items() if m.any()}
-
 
 # %% ../nbs/05_explain.ipynb #c07ff9dc
 BASELINE_METHODS = ('prior', 'centre', 'uniform')   # maps that ignore the image: what an explanation has to beat
@@ -569,7 +593,13 @@ def fit_prior(regions: AttributeRegions, size: tuple[int, int], progress: bool =
             present = bool(labels[i, CELEBA_ATTRIBUTES.index(attribute)] == 1)
             sums[present][attribute] = sums[present].get(attribute, 0) + coverage
     fitted = {**sums[False], **sums[True]}            # only the scale differs from a mean: no metric reads it
-    return {a: (fitted[a] / fitted[a].max()).astype(np.float32) for a in regions.table if a in fitted}
+    maps = {a: (fitted[a] / fitted[a].max()).astype(np.float32) for a in regions.table if a in fitted}
+    # A region that no fitted image shows (a hat in a small folder of CelebAMask-HQ) gets the mean of the other maps: still
+    # a map that ignores the image, and no attribute goes unmeasured for want of a baseline.
+    if maps:
+        generic = np.mean(list(maps.values()), 0)
+        maps.update({a: (generic / generic.max()).astype(np.float32) for a in regions.table if a not in maps})
+    return maps
 
 def _prior_key(regions: AttributeRegions, size) -> str:
     "What a cached prior depends on: ground truth, size, and the fitted split's images and labels."
@@ -926,6 +956,7 @@ def save_attention_grids(model, dataset, out_dir, mode: str = 'pos', n: int | No
 
 # %% ../nbs/05_explain.ipynb #090dae72
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+DETECTION_COLUMNS = ['face', 'box_x', 'box_y', 'box_width', 'box_height', 'detection_score']
 
 def image_files(paths) -> list[Path]:
     "Files as given (any suffix; missing ones are reported when read), plus the image files inside folders (recursive, sorted)."
@@ -953,11 +984,21 @@ def _decision_thresholds(checkpoint, thresholds: str) -> np.ndarray:
                          f"--thresholds {thresholds}` tunes them on the valid split and saves them")
     return np.array([saved['criteria'][thresholds]['thresholds'][a] for a in CELEBA_ATTRIBUTES])
 
+def _model_inputs(file: Path, image: Image.Image, detector, report) -> list[tuple[str, Image.Image, list]]:
+    "(grid name, image the model sees, detection columns) per face of a photo (aligned), or the whole image (no detector)."
+    if detector is None: return [(file.stem, image, [])]
+    faces = align_photo(image, detector)
+    if not faces: report(f"no face found in {file}: skipped (--no-align predicts on the whole image)")
+    return [(file.stem if len(faces) == 1 else f"{file.stem}_face{k}", face.crop, [k, *np.round(face.detection.box, 1), round(face.detection.score, 4)])
+            for k, face in enumerate(faces)]
+
 def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, show_probs: bool = True,
-            transform: str | None = None, image_size: int | None = None, batch_size: int = 16, report=None,
-            thresholds: str = 'default', device: str = 'auto') -> pd.DataFrame:
+            transform: str | None = None, image_size: int | None = None, batch_size: int = 16, align: bool | None = None,
+            report=None, thresholds: str = 'default', device: str = 'auto') -> pd.DataFrame:
     """Decisions and scores (sigmoid of the decision logit) of the 40 attributes for image files/folders `paths` ->
-    OUT/predictions.csv (+ attention grids). `thresholds`: 'default' (logit >= 0) or a tuned rule (see above)."""
+    OUT/predictions.csv (+ attention grids). `thresholds`: 'default' (logit >= 0) or a tuned rule (see above).
+    `align` True: detect every face, align it like CelebA's crops (`align.align_photo`) and predict on the crop, one row per
+    face with its box and detection score; False: the whole image, resized; None: align when a detector is installed."""
     report = report or (lambda message: print(message, file=sys.stderr))
     cuts = _decision_thresholds(checkpoint, thresholds)
     files = image_files(paths)
@@ -971,28 +1012,36 @@ def predict(checkpoint, paths, out_dir, mode: str = 'pos', grids: bool = True, s
                f"probabilities; see calibration_error in its evaluation)")
     preset, size = inference_settings(config, transform, image_size)
     to_tensor, out_dir = get_transform(preset, size), Path(out_dir)
+    detector = load_detector(required=align is True) if align is not False else None
+    if align is None:
+        report(f"aligning faces with {detector.name} (the default when a detector is installed; --no-align: whole images)"
+               if detector else f"note: no face detector installed ({DETECTOR_INSTALL}): predicting on whole images, resized")
     if grids and not model.preset.attention_branch:
         report(f"note: {checkpoint} is a baseline without attention maps: predictions only, no attention grids")
         grids = False
-    rows, failed, taken = [], [], set()
+    rows, failed, faceless, taken = [], [], [], set()
     for start in tqdm(range(0, len(files), batch_size), desc='predicting', disable=len(files) <= batch_size):
         loaded = []
         for file in files[start:start + batch_size]:
-            try: loaded.append((file, to_tensor(load_image(file))))
-            except MtabnError as e: failed.append(file); report(f"skipped: {e}")
+            try: inputs = _model_inputs(file, load_image(file), detector, report)
+            except MtabnError as e: failed.append(file); report(f"skipped: {e}"); continue
+            if not inputs: faceless.append(file)
+            loaded += [(file, name, to_tensor(image), columns) for name, image, columns in inputs]
         if not loaded: continue
-        images = torch.stack([image for _, image in loaded])
+        images = torch.stack([image for _, _, image, _ in loaded])
         output = eval_output(model, images)
         logits = as_numpy(attribute_logits(output.perception), np.float64)
-        rows += [[str(file), *(z >= cuts).astype(int), *sigmoid(z)] for (file, _), z in zip(loaded, logits)]
+        rows += [[str(file), *columns, *(z >= cuts).astype(int), *sigmoid(z)] for (file, _, _, columns), z in zip(loaded, logits)]
         if grids:
-            for (file, _), e in zip(loaded, explanations_from_output(images, output, preset, names=[f.name for f, _ in loaded])):
-                attention_grid(e, mode, show_probs).save(out_dir/'attention'/_unique_name(file.stem, taken))
-    table = pd.DataFrame(rows, columns=['path', *CELEBA_ATTRIBUTES, *(a + SCORE_SUFFIX for a in CELEBA_ATTRIBUTES)])
+            for (_, name, _, _), e in zip(loaded, explanations_from_output(images, output, preset, names=[n for _, n, _, _ in loaded])):
+                attention_grid(e, mode, show_probs).save(out_dir/'attention'/_unique_name(name, taken))
+    table = pd.DataFrame(rows, columns=['path', *(DETECTION_COLUMNS if detector else []), *CELEBA_ATTRIBUTES,
+                                        *(a + SCORE_SUFFIX for a in CELEBA_ATTRIBUTES)])
     atomic_write(out_dir/'predictions.csv', table.to_csv(index=False, float_format='%.6f'))
+    if faceless: report(f"{len(faceless)} of {len(files)} images have no face found (each named above)")
     if failed:
         raise MtabnError(f"{len(failed)} of {len(files)} images could not be read (first: {failed[0]}); "
-                         f"predictions for the other {len(rows)} are in {out_dir/'predictions.csv'}")
+                         f"predictions for the other {len(files) - len(failed)} are in {out_dir/'predictions.csv'}")
     return table
 
 # %% ../nbs/05_explain.ipynb #e2454f5e
@@ -1017,7 +1066,8 @@ def explain_run(run_dir, data=None, split: str = 'valid', n: int = 16, metrics_i
                 report=None, device: str = 'auto') -> pd.DataFrame:
     """Attention grids, attribute views and explanation metrics of ABN attention and of the `prior`, `centre` and `uniform`
     baselines (+ the `cams` of `baseline`), with counterfactual metrics on SynthCelebA -> RUN/explain/<split>/; returns the
-    summary. Choices are made on `split='valid'`; measure `test` once per final recipe. The prior is fitted on `prior_split`."""
+    summary. `data` may be any CelebA layout, CelebAMask-HQ included (its masks are then the ground truth). Choices are made
+    on `split='valid'`; measure `test` once per final recipe. The prior is fitted on `prior_split` of `data`."""
     report = report or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     config = saved_config(run_dir)

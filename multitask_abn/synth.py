@@ -21,17 +21,18 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import (CELEBA_ATTRIBUTES, CELEBA_TRAIN_FREQUENCIES, IMAGE_DIR, MtabnError,
-                                find_celeba_root, write_celeba_annotations)
+from .data import (BBOX_COLUMNS, BBOX_FILE, CELEBA_ATTRIBUTES, CELEBA_TRAIN_FREQUENCIES, IMAGE_DIR, MtabnError,
+                                CELEBA_SPLIT_RANGES, CelebA, find_celeba_root, hq_mask_path, write_celeba_annotations,
+                                write_hq_annotations)
 
 # %% auto #0
 __all__ = ['IMAGE_WIDTH', 'IMAGE_HEIGHT', 'PART_DIR', 'PART_TABLE', 'MARKER_FILE', 'PART_NAMES', 'PART_IDS', 'SKIN_PARTS',
            'BEARD_PARTS', 'FACE_SHAPE_PARTS', 'ATTRIBUTE_PARTS', 'CELEBA_POSITIVE_RATES', 'HAIR_COLOURS',
            'HAIR_TEXTURES', 'BEARDS', 'ATTRACTIVE_THRESHOLD', 'CX', 'CY', 'LAYOUTS', 'FACE_BOX_PARTS',
-           'GENERATOR_VERSION', 'JPEG_QUALITY', 'MAX_IMAGES', 'BBOX_FILE', 'BBOX_COLUMNS', 'part_table',
-           'sample_attributes', 'compare_frequencies', 'render_face', 'synth_face', 'face_box', 'evidence_table',
-           'synth_split_sizes', 'synth_settings', 'make_synth_celeba', 'load_part_map', 'attribute_mask',
-           'benchmark_synth']
+           'GENERATOR_VERSION', 'JPEG_QUALITY', 'MAX_IMAGES', 'HQ_CLASS_OF_PART', 'part_table', 'sample_attributes',
+           'compare_frequencies', 'render_face', 'synth_face', 'face_box', 'evidence_table', 'synth_split_sizes',
+           'synth_settings', 'make_synth_celeba', 'load_part_map', 'attribute_mask', 'hq_class_masks',
+           'write_celebamask_hq', 'benchmark_synth']
 
 # %% ../nbs/01_synth.ipynb #3d099eab
 IMAGE_WIDTH, IMAGE_HEIGHT = 178, 218   # CelebA's aligned crops
@@ -662,8 +663,6 @@ JPEG_QUALITY = 92
 MAX_IMAGES = 999_999           # six-digit file names, like CelebA's
 _CHUNK = 100
 _CELEBA_SPLITS = (162_770, 19_867, 19_962)
-BBOX_FILE = 'list_bbox_celeba.txt'
-BBOX_COLUMNS = ('x_1', 'y_1', 'width', 'height')
 _OWN_FILES = ('list_attr_celeba.txt', 'list_eval_partition.txt', 'list_landmarks_align_celeba.txt', BBOX_FILE, PART_TABLE)
 
 def synth_split_sizes(n: int) -> tuple[int, int, int]:
@@ -671,11 +670,6 @@ def synth_split_sizes(n: int) -> tuple[int, int, int]:
     valid, test = (round(n * k / sum(_CELEBA_SPLITS)) for k in _CELEBA_SPLITS[1:])
     if n >= 3: valid, test = max(valid, 1), max(test, 1)
     return n - valid - test, valid, test
-
-def _write_bboxes(root: Path, names, boxes):
-    "`list_bbox_celeba.txt` in CelebA's format: the count, the column names, then `000001.jpg    95  71 226 313` rows."
-    rows = [f"{name} " + ' '.join(f"{v:>4}" for v in box) for name, box in zip(names, boxes)]
-    (root/BBOX_FILE).write_text('\n'.join([str(len(names)), 'image_id ' + ' '.join(BBOX_COLUMNS), *rows]) + '\n')
 
 def _write_chunk(job):
     "Render and write the images `numbers`; return their label, landmark and face-box rows (also runs in worker processes)."
@@ -758,8 +752,7 @@ def make_synth_celeba(out, n: int = 1000, seed: int = 0, num_workers: int = 1, p
             if pool: pool.close(); pool.join()
     train, valid, test = synth_split_sizes(n)
     names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
-    write_celeba_annotations(out, names, np.array(labels), [0] * train + [1] * valid + [2] * test, np.array(landmarks))
-    _write_bboxes(out, names, boxes)
+    write_celeba_annotations(out, names, np.array(labels), [0] * train + [1] * valid + [2] * test, np.array(landmarks), boxes)
     part_table()[['part_id', 'name']].to_csv(out/PART_TABLE, index=False)
     _write_marker(out, n, seed, layout, complete=True)
     return out
@@ -779,6 +772,51 @@ def attribute_mask(part_map: np.ndarray, attribute: str) -> np.ndarray:
     if attribute not in ATTRIBUTE_PARTS:
         raise MtabnError(f"unknown attribute {attribute!r}: use one of CELEBA_ATTRIBUTES, e.g. 'Smiling'")
     return np.isin(part_map, [PART_IDS[p] for p in ATTRIBUTE_PARTS[attribute]])
+
+# %% ../nbs/01_synth.ipynb #0608b5a7
+# SynthCelebA part -> CelebAMask-HQ class; a pair is split by the face: (image-left, image-right) of the line between the eyes'
+# midpoint and perpendicular to them (like CelebA's `lefteye`, the eye on the image's left), or for the lips (upper, lower)
+# of the line through the mouth corners. SynthCelebA's `upper_lip` is the skin above the mouth, where a mustache grows.
+HQ_CLASS_OF_PART = {
+    'face': 'skin', 'forehead': 'skin', 'under_eyes': 'skin', 'cheeks': 'skin', 'upper_lip': 'skin', 'chin': 'skin', 'jaw': 'skin',
+    'sideburns': 'skin', 'hair': 'hair', 'nose': 'nose', 'eyeglasses': 'eye_g', 'hat': 'hat', 'earrings': 'ear_r',
+    'necklace': 'neck_l', 'neck': 'neck', 'clothes': 'cloth', 'necktie': 'cloth',
+    'eyes': ('l_eye', 'r_eye'), 'eyebrows': ('l_brow', 'r_brow'), 'ears': ('l_ear', 'r_ear'), 'mouth': ('u_lip', 'l_lip')}
+
+def hq_class_masks(part_map: np.ndarray, landmarks) -> dict[str, np.ndarray]:
+    "CelebAMask-HQ class -> boolean mask of a SynthCelebA part map (its 10 landmarks place the left/right and upper/lower splits)."
+    le, re_, _, lm, rm = np.asarray(landmarks, np.float64).reshape(5, 2)
+    ys, xs = np.mgrid[:part_map.shape[0], :part_map.shape[1]]
+    right = (xs - (le[0] + re_[0]) / 2) * (re_[0] - le[0]) + (ys - (le[1] + re_[1]) / 2) * (re_[1] - le[1]) > 0
+    lower = (rm[0] - lm[0]) * (ys - lm[1]) - (rm[1] - lm[1]) * (xs - lm[0]) > 0
+    masks = {}
+    for part, target in HQ_CLASS_OF_PART.items():
+        mask = part_map == PART_IDS[part]
+        if not mask.any(): continue
+        pieces = {target: mask} if isinstance(target, str) else dict(zip(target, (mask & ~(lower if part == 'mouth' else right),
+                                                                                  mask & (lower if part == 'mouth' else right))))
+        for name, piece in pieces.items(): masks[name] = masks.get(name, False) | piece
+    return {name: mask for name, mask in masks.items() if mask.any()}
+
+def write_celebamask_hq(synth_root, out, image_size: int = 1024, mask_size: int = 512) -> Path:
+    """Convert a SynthCelebA folder into CelebAMask-HQ's layout (square `image_size` images, `mask_size` class masks, the
+    attribute and mapping files): test data for the CelebAMask-HQ reader and its explanation metrics. Image `number` becomes
+    `number - 1`.jpg; its 'CelebA original' is chosen in the range of CelebA's split that the synthetic image belongs to."""
+    celeba = CelebA(synth_root)
+    out = Path(out); (out/'CelebA-HQ-img').mkdir(parents=True, exist_ok=True)
+    orig_idx, position = [], {0: 0, 1: 0, 2: 0}
+    for index, name in enumerate(celeba.attributes.index):
+        split = int(celeba.partition[name])
+        orig_idx.append(CELEBA_SPLIT_RANGES[split][0] - 1 + position[split]); position[split] += 1
+        image = cv2.resize(cv2.imread(str(celeba.image_dir/name)), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+        cv2.imwrite(str(out/'CelebA-HQ-img'/f"{index}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        parts = cv2.resize(load_part_map(celeba.root, name), (mask_size, mask_size), interpolation=cv2.INTER_NEAREST)
+        scale = np.repeat([[mask_size / IMAGE_WIDTH, mask_size / IMAGE_HEIGHT]], 5, 0).ravel()
+        for part, mask in hq_class_masks(parts, celeba.landmarks.loc[name].to_numpy() * scale).items():
+            path = hq_mask_path(out, f"{index}.jpg", part); path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), mask.astype(np.uint8) * 255)
+    write_hq_annotations(out, celeba.attributes.to_numpy(), orig_idx)
+    return out
 
 # %% ../nbs/01_synth.ipynb #50a0edef
 def benchmark_synth(n: int = 300, seed: int = 0) -> dict:

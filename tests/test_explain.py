@@ -260,7 +260,7 @@ def test_predict_reads_odd_image_modes_like_their_rgb_equivalents(checkpoint, tm
     rgb.convert('RGBA').save(folder/'rgba.png'); rgb.convert('P').save(folder/'palette.png')
     rgb.convert('P').convert('RGB').save(folder/'palette_as_rgb.png')
     rgb.convert('CMYK').save(folder/'cmyk.jpg')
-    table = predict(checkpoint, [folder], tmp_path/'out').set_index('path')
+    table = predict(checkpoint, [folder], tmp_path/'out', align=False).set_index('path')
     probs = {Path(p).name: row.to_numpy() for p, row in table.iterrows()}
     np.testing.assert_allclose(probs['rotated.png'], probs['upright.png'], atol=1e-6)
     np.testing.assert_allclose(probs['gray.png'], probs['gray_as_rgb.png'], atol=1e-6)
@@ -276,7 +276,7 @@ def test_mtabn_predict_reports_a_corrupt_file_and_does_the_others(console, check
     Image.new('RGB', (50, 60), 'white').save(tmp_path/'good.jpg')
     (tmp_path/'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated jpeg')
     result = console('mtabn_predict', '--checkpoint', checkpoint, tmp_path/'corrupt.jpg', tmp_path/'good.jpg',
-                 tmp_path/'missing.png', '--out', tmp_path/'out')
+                 tmp_path/'missing.png', '--out', tmp_path/'out', '--no-align')
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert any('corrupt.jpg' in line and 'cannot decode' in line for line in lines)
@@ -294,7 +294,7 @@ def test_mtabn_predict_with_a_reference_checkpoint(console, tmp_path):
     reference = save_seed_checkpoint(model, tmp_path/'seed'/'checkpoint.pt')
     Image.new('RGB', (178, 218), 'gray').save(tmp_path/'face.png')
     result = console('mtabn_predict', '--checkpoint', reference, tmp_path/'face.png', '--out', tmp_path/'out',
-                 '--image_size', 64)
+                 '--image_size', 64, '--no-align')
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(tmp_path/'out'/'predictions.csv')
     x = get_transform('fukui2019', 64)(Image.open(tmp_path/'face.png').convert('RGB'))[None]   # the references' transform
@@ -447,3 +447,50 @@ def test_the_prior_points_far_worse_on_wild_faces(synth, wild):
         return summary.loc['mean_localised', 'pointing_game']
     aligned, moved = prior_pointing(synth), prior_pointing(wild)
     assert aligned > 0.9 and moved <= 0.4, (aligned, moved)
+
+
+# --- CelebAMask-HQ masks as the ground truth ---------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def celebamask_hq(synth, tmp_path_factory):
+    "The 40 SynthCelebA faces converted into CelebAMask-HQ's exact layout (96 px images, 64 px masks)."
+    from multitask_abn.synth import write_celebamask_hq
+    return write_celebamask_hq(synth, tmp_path_factory.mktemp('hq')/'CelebAMask-HQ', image_size=96, mask_size=64)
+
+
+def test_celebamask_hq_masks_are_the_ground_truth(synth, celebamask_hq):
+    from multitask_abn.explain import MASK_ATTRIBUTE_PARTS
+    hq = AttributeRegions(CelebADataset(celebamask_hq, 'all', get_transform('eval', 64)))
+    parts = AttributeRegions(CelebADataset(synth, 'all', get_transform('eval', 64)))
+    assert hq.kind == 'celebamask_hq' and hq.excluded == ['Attractive', 'Blurry'] and set(hq.table) == set(MASK_ATTRIBUTE_PARTS)
+    overlaps = []
+    for i in range(len(hq.dataset)):        # the nose is one class in both: the same region, through two resizings
+        a, b = hq.masks(i, (64, 64)).get('Big_Nose'), parts.masks(i, (64, 64)).get('Big_Nose')
+        if a is not None and b is not None: overlaps.append((a & b).sum() / (a | b).sum())
+    assert len(overlaps) > 5 and np.mean(overlaps) > 0.7, overlaps
+    with pytest.raises(MtabnError, match='is not a CelebAMask-HQ folder'):
+        AttributeRegions(CelebADataset(synth, 'all', get_transform('eval', 64)), 'celebamask_hq')
+
+
+def test_explain_run_measures_on_a_celebamask_hq_folder(synth, celebamask_hq, tmp_path):
+    run = untrained_run(synth, tmp_path/'run')
+    explain_run(run, celebamask_hq, split='all', n=1, metrics_images=4, deletion_images=0, road_images=0, progress=False)
+    info = json.loads((run/'explain'/'all'/'explanation_summary.json').read_text())
+    assert info['ground_truth'] == 'celebamask_hq' and not info['counterfactual'] and info['images'] == 4
+    assert set(info['mean']) == {'attention', *BASELINE_METHODS}
+    assert any((celebamask_hq/'.mtabn_cache').glob('prior_celebamask_hq_train_64x64_*.npz'))   # fitted on its train split
+    records = pd.read_csv(run/'explain'/'all'/'explanation_records.csv')
+    assert set(records.image) <= {f"{i}.jpg" for i in range(4)} and records.energy_share.notna().all()
+    assert set(records.query("method == 'prior'").attribute) == set(records.query("method == 'attention'").attribute)
+
+
+def test_mtabn_explain_names_a_broken_celebamask_hq_mask(synth, celebamask_hq, tmp_path, console):
+    run = untrained_run(synth, tmp_path/'run')
+    mask = celebamask_hq/'CelebAMask-HQ-mask-anno'/'0'/'00001_skin.png'
+    original = mask.read_bytes()
+    mask.write_bytes(b'not a png')
+    try: result = console('mtabn_explain', run, '--data', celebamask_hq, '--split', 'all', '--n', 1, '--metrics-images', 2)
+    finally: mask.write_bytes(original)
+    error = result.stderr.strip().splitlines()[-1]          # after the progress bars
+    assert result.returncode == 2 and error.startswith('mtabn_explain: error: cannot decode mask') and '00001_skin.png' in error
+    assert 'Traceback' not in result.stderr, result.stderr
