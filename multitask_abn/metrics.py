@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_metrics.ipynb #3cf85aa4
 from __future__ import annotations
-import json
+import json, warnings
 from pathlib import Path
 import pandas as pd
 import torch
@@ -49,18 +49,25 @@ def stat_scores_frame(stats: Tensor, attributes, train_positive_frequency=None) 
 CALIBRATION_BINS = 15   # torchmetrics' default: equal-width bins of the predicted probability
 
 class _Outputs(Metric):
-    "Every logit and target seen (gathered from all processes under DDP): what calibration and threshold tuning need."
+    """Every logit and target seen, gathered from all processes under DDP: what calibration and threshold tuning need.
+    Kept flat (one value per image and attribute), so that a process that saw no image (an empty DDP shard) joins the
+    gathering with torchmetrics' empty tensor of the same rank."""
     full_state_update = False
-    def __init__(self):
+    def __init__(self, num_labels: int):
         super().__init__()
+        self.num_labels = num_labels
         self.add_state('logits', default=[], dist_reduce_fx='cat')
         self.add_state('targets', default=[], dist_reduce_fx='cat')
 
     def update(self, logits: Tensor, targets: Tensor):
-        self.logits.append(logits.detach().float())
-        self.targets.append(targets.detach().long())
+        self.logits.append(logits.detach().float().flatten())
+        self.targets.append(targets.detach().float().flatten())
 
-    def compute(self) -> tuple[Tensor, Tensor]: return dim_zero_cat(self.logits), dim_zero_cat(self.targets)
+    def compute(self) -> tuple[Tensor, Tensor]:
+        flat = [dim_zero_cat(v) if isinstance(v, Tensor) or len(v) else torch.zeros(0, device=self.device)
+                for v in (self.logits, self.targets)]
+        logits, targets = (v.reshape(-1, self.num_labels) for v in flat)
+        return logits, targets.long()
 
 def calibration_errors(logits: Tensor, targets: Tensor, bins: int = CALIBRATION_BINS) -> list[float]:
     "Expected calibration error of `sigmoid(logit)` per attribute (column), by torchmetrics' `binary_calibration_error`."
@@ -75,7 +82,7 @@ class AttributeMetrics(nn.Module):
         self.attributes = tuple(attributes)
         self.train_positive_frequency = None if train_positive_frequency is None else torch.as_tensor(train_positive_frequency, dtype=torch.float64).tolist()
         self.stats = nn.ModuleDict({b: MultilabelStatScores(num_labels=len(self.attributes), average=None) for b in BRANCHES})
-        self.outputs = nn.ModuleDict({b: _Outputs() for b in BRANCHES})
+        self.outputs = nn.ModuleDict({b: _Outputs(len(self.attributes)) for b in BRANCHES})
         # float64: a tuned threshold lies between two float32 logits and must not round onto either
         thresholds = torch.zeros(len(self.attributes)) if thresholds is None else torch.as_tensor(thresholds)
         self.register_buffer('thresholds', thresholds.double(), persistent=False)
@@ -92,18 +99,21 @@ class AttributeMetrics(nn.Module):
             self.outputs['attention'].update(out.attention, targets)
 
     def logits(self, branch: str = 'perception') -> tuple[Tensor, Tensor]:
-        "(N x T decision logits, N x T targets) of every image `branch` saw."
-        return self.outputs[branch].compute()
+        "(N x T decision logits, N x T targets) of every image `branch` saw (N = 0 when it saw none)."
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*was called before the ``update`` method')
+            return self.outputs[branch].compute()
 
     def compute(self) -> pd.DataFrame:
         """One row per attribute and branch (branches that saw no output are left out), with the expected calibration
         error of `sigmoid(logit)` beside its baseline, a constant answer of the train split's positive frequency."""
-        frames = []
+        # every process gathers every branch's outputs (under DDP they wait for each other), even one it saw none of
+        outputs, frames = {b: self.logits(b) for b in BRANCHES}, []
         for b, m in self.stats.items():
             if not m.update_called: continue
             frame = stat_scores_frame(m.compute(), self.attributes, self.train_positive_frequency)
             prior = frame.positive_frequency if self.train_positive_frequency is None else pd.Series(self.train_positive_frequency)
-            frames.append(frame.assign(branch=b, calibration_error=calibration_errors(*self.logits(b)),
+            frames.append(frame.assign(branch=b, calibration_error=calibration_errors(*outputs[b]),
                                        prior_calibration_error=(prior - frame.positive_frequency).abs()))
         return pd.concat(frames, ignore_index=True)[list(METRIC_COLUMNS)]
 
