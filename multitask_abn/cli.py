@@ -223,7 +223,8 @@ def mtabn_sweep(
     grid: str,  # JSON file or inline JSON: {"param": [values, ...]} (all combinations) or [{"param": value}, ...]
     out: Param("sweep folder: runs/, notebooks/, sweep.csv (and report/ with --report)", str, required=True) = None,
     notebook: str = 'nbs/train_run.ipynb',  # papermill-parameterised notebook to execute
-    param: Param("fixed notebook parameters as NAME=VALUE (VALUE read as JSON if it parses)", str, nargs='*') = None,
+    param: Param("fixed notebook parameters as NAME=VALUE (VALUE read as JSON if it parses; a relative data path is "
+                 "taken from the current folder)", str, nargs='*') = None,
     timeout: int = None,  # per-cell timeout in seconds (default: none)
     report: bool = False,  # also write OUT/report/report.html from the finished runs
 ):

@@ -49,18 +49,25 @@ def stat_scores_frame(stats: Tensor, attributes, train_positive_frequency=None) 
 CALIBRATION_BINS = 15   # torchmetrics' default: equal-width bins of the predicted probability
 
 class _Outputs(Metric):
-    "Every logit and target seen (gathered from all processes under DDP): what calibration and threshold tuning need."
+    """Every logit and target seen, gathered from all processes under DDP: what calibration and threshold tuning need.
+    Kept flat (one value per image and attribute), so that a process that saw no image (an empty DDP shard) joins the
+    gathering with torchmetrics' empty tensor of the same rank."""
     full_state_update = False
-    def __init__(self):
+    def __init__(self, num_labels: int):
         super().__init__()
+        self.num_labels = num_labels
         self.add_state('logits', default=[], dist_reduce_fx='cat')
         self.add_state('targets', default=[], dist_reduce_fx='cat')
 
     def update(self, logits: Tensor, targets: Tensor):
-        self.logits.append(logits.detach().float())
-        self.targets.append(targets.detach().long())
+        self.logits.append(logits.detach().float().flatten())
+        self.targets.append(targets.detach().float().flatten())
 
-    def compute(self) -> tuple[Tensor, Tensor]: return dim_zero_cat(self.logits), dim_zero_cat(self.targets)
+    def compute(self) -> tuple[Tensor, Tensor]:
+        flat = [dim_zero_cat(v) if isinstance(v, Tensor) or len(v) else torch.zeros(0, device=self.device)
+                for v in (self.logits, self.targets)]
+        logits, targets = (v.reshape(-1, self.num_labels) for v in flat)
+        return logits, targets.long()
 
 def calibration_errors(logits: Tensor, targets: Tensor, bins: int = CALIBRATION_BINS) -> list[float]:
     "Expected calibration error of `sigmoid(logit)` per attribute (column), by torchmetrics' `binary_calibration_error`."
@@ -75,7 +82,7 @@ class AttributeMetrics(nn.Module):
         self.attributes = tuple(attributes)
         self.train_positive_frequency = None if train_positive_frequency is None else torch.as_tensor(train_positive_frequency, dtype=torch.float64).tolist()
         self.stats = nn.ModuleDict({b: MultilabelStatScores(num_labels=len(self.attributes), average=None) for b in BRANCHES})
-        self.outputs = nn.ModuleDict({b: _Outputs() for b in BRANCHES})
+        self.outputs = nn.ModuleDict({b: _Outputs(len(self.attributes)) for b in BRANCHES})
         # float64: a tuned threshold lies between two float32 logits and must not round onto either
         thresholds = torch.zeros(len(self.attributes)) if thresholds is None else torch.as_tensor(thresholds)
         self.register_buffer('thresholds', thresholds.double(), persistent=False)
@@ -92,22 +99,21 @@ class AttributeMetrics(nn.Module):
             self.outputs['attention'].update(out.attention, targets)
 
     def logits(self, branch: str = 'perception') -> tuple[Tensor, Tensor]:
-        "(N x T decision logits, N x T targets) of every image `branch` saw."
-        return self.outputs[branch].compute()
+        "(N x T decision logits, N x T targets) of every image `branch` saw (N = 0 when it saw none)."
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*was called before the ``update`` method')
+            return self.outputs[branch].compute()
 
     def compute(self) -> pd.DataFrame:
         """One row per attribute and branch (branches that saw no output, on any process, are left out), with the expected
         calibration error of `sigmoid(logit)` beside its baseline, a constant answer of the train split's positive frequency."""
-        # Every process holds a batch of each branch's outputs, if an empty one: torchmetrics gathers list states only
-        # from processes that have some, and one without would leave the others waiting (an empty DDP shard).
-        empty = self.thresholds.new_zeros(0, len(self.attributes))
-        for outputs in self.outputs.values(): outputs.update(empty, empty)
         with warnings.catch_warnings():
             # Every process computes every branch, even one that saw no image (an empty shard, a baseline's attention
             # branch): torchmetrics synchronises the processes there, and one that skipped it would leave the others waiting.
             warnings.filterwarnings('ignore', message='.*was called before the ``update`` method')
             # The counts live on the model's device (a GPU's): the one place they come to the host, before pandas.
             counts = {b: m.compute().cpu() for b, m in self.stats.items()}
+            # every process gathers every branch's outputs (under DDP they wait for each other), even one it saw none of
             outputs = {b: tuple(t.cpu() for t in self.logits(b)) for b in counts}
         frames = []
         for b, c in counts.items():

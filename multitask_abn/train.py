@@ -761,15 +761,16 @@ def _means(logits, targets, thresholds=None) -> dict:
 def run_thresholds(path, setup: _Evaluation | None = None, split: str = 'valid', batch_size: int = 64, workers: int = 0,
                    precision: str = 'fp32', progress: bool = True, report=None) -> dict:
     """The content of `thresholds_file(path)`, tuned on `split` (valid: where choices are made) first if the file is
-    missing or belongs to another checkpoint. `setup`: the model already loaded by the caller."""
-    saved = read_thresholds(path, split)
-    if saved is not None: return saved
+    missing, belongs to another checkpoint, or was tuned on other data or inputs. `setup`: the model already loaded."""
     setup, file = setup or _evaluation(path), thresholds_file(path)
+    saved = read_thresholds(path, split)
+    if saved is not None and [saved.get(k) for k in ('data', 'image_size', 'transform')] == [setup.data, setup.image_size, setup.transform]:
+        return saved
     trained_on = setup.config.get('train_split')
     if trained_on in SPLITS and set(SPLITS[trained_on]) & set(SPLITS[split]):
         raise MtabnError(f"{path} was trained on the {setup.config['train_split']} split, which holds the {split} images: "
                          f"thresholds tuned there would be tuned on training images; use --thresholds default")
-    if report: report(f"tuning decision thresholds on the {split} split (none saved for this checkpoint yet) -> {file}")
+    if report: report(f"tuning decision thresholds on the {split} split (none saved for this checkpoint, data and input yet) -> {file}")
     metrics = AttributeMetrics(train_positive_frequency=train_positive_frequency(setup.celeba))
     evaluate(setup.model, setup.dataset(split), batch_size, workers, setup.device, precision, progress=progress,
              desc=f'thresholds {split}', metrics=metrics)

@@ -126,15 +126,15 @@ def test_bf16_training_step_runs():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def reference_checkpoint(path: Path, seed_name: str, seed: int = 0, args: dict | None = None, **extra) -> dict:
-    "A checkpoint as the reference's training script leaves it: the file, and its args.json beside it (`args`: changes)."
+def reference_checkpoint(path: Path, seed_name: str, seed: int = 0, args_json: dict | None = None, **extra) -> dict:
+    "A checkpoint as the reference's training script leaves it: the file, and its args.json beside it (`args_json`: changes)."
     shapes = json.loads((SEED_KEYS / f'{seed_name}.json').read_text())
     state = fake_seed_state_dict(shapes, seed=seed)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), [4, 8])
     torch.save({'epoch': 7, 'iteration': 123, 'best_score': 0.91, 'model_state_dict': state,
                 'optimizer_state_dict': {'state': {}, 'param_groups': []},
                 'scheduler_state_dict': scheduler.state_dict(), **extra}, path)
-    (path.parent / 'args.json').write_text(json.dumps({**REFERENCE_ARGS, 'model': seed_name, **(args or {})}, indent=4))
+    (path.parent / 'args.json').write_text(json.dumps({**REFERENCE_ARGS, 'model': seed_name, **(args_json or {})}, indent=4))
     return state
 
 
@@ -158,7 +158,7 @@ def test_reference_checkpoint_round_trip_is_exact(tmp_path, seed_name):
 
 
 def test_reference_options_from_args_json(tmp_path):
-    reference_checkpoint(tmp_path / 'checkpoint-latest.pt', 'mtabn_v2_resnet18', args=dict(residual_attention=True))
+    reference_checkpoint(tmp_path / 'checkpoint-latest.pt', 'mtabn_v2_resnet18', args_json=dict(residual_attention=True))
     model = load_seed_checkpoint(tmp_path / 'checkpoint-latest.pt')
     assert model.preset.residual_attention and model.preset.perception_head == 'softmax2'
     assert not load_seed_checkpoint(tmp_path / 'checkpoint-latest.pt', residual_attention=False).preset.residual_attention
@@ -183,7 +183,7 @@ def test_weights_without_args_json_do_not_choose_the_model(tmp_path):
     assert load_model(tmp_path / 'checkpoint-best.pt').preset == PRESETS['mitsuhara2020']
     # the reference's own args.json: its model name, and residual_attention, which it always writes
     (tmp_path / 'v1').mkdir()
-    reference_checkpoint(tmp_path / 'v1' / 'checkpoint-best.pt', 'mtabn_v1_resnet18', args=dict(residual_attention=True))
+    reference_checkpoint(tmp_path / 'v1' / 'checkpoint-best.pt', 'mtabn_v1_resnet18', args_json=dict(residual_attention=True))
     assert load_model(tmp_path / 'v1' / 'checkpoint-best.pt').preset == dataclasses.replace(PRESETS['v1'], residual_attention=True)
     (tmp_path / 'v1' / 'args.json').write_text(json.dumps({'model': 'mtabn_v1_resnet18'}))
     with pytest.raises(MtabnError, match='names mtabn_v1_resnet18 but not residual_attention'): load_model(tmp_path / 'v1' / 'checkpoint-best.pt')
