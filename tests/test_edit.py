@@ -62,3 +62,17 @@ def test_finetune_writes_a_run_that_eval_and_resume_take(shortcut_set, console, 
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr
     assert bad.stderr.strip().splitlines() == [f"mtabn_finetune: error: {tmp_path / 'edits' / 'gone.png'} (edits.csv line 2): file not found"]
     assert not (tmp_path / 'again').exists()
+
+
+def test_counterfactuals_redraw_the_badge(shortcut_set):
+    "explain's Counterfactuals redraw every image of a shortcut set (and of its shifted folder) byte for byte, badge included."
+    import cv2
+    from multitask_abn.data import get_transform
+    from multitask_abn.explain import Counterfactuals
+    from multitask_abn.synth import JPEG_QUALITY
+    for root in (shortcut_set, shortcut_set / SHIFTED_DIR):
+        counterfactuals = Counterfactuals(root, get_transform('eval', 64))
+        for path in sorted((root / 'img_align_celeba').iterdir()):
+            image = counterfactuals.draw(int(path.stem))[0]
+            jpeg = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+            assert jpeg.tobytes() == path.read_bytes(), path
