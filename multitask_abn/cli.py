@@ -231,7 +231,7 @@ def mtabn_finetune(
     run: str,  # run folder of an ABN model
     edits: Param('folder of edited maps (edits.csv: image,attribute,file, and the PNGs)', str, required=True) = None,
     out: Param('run folder to write', str, required=True) = None,
-    attention_weight: float = 10.0,  # lambda of || A(x) - A_edit ||^2 (0: plain fine-tuning on the same images)
+    attention_weight: float = 1.0,  # lambda of || A(x) - A_edit ||^2 (0: plain fine-tuning on the same images)
     train_layers: str = 'all',  # all, attention, attention+heads or perception
     epochs: int = 20,  # passes over the edited pairs
     lr: float = 0.005,  # SGD learning rate (momentum and weight decay: the run's)
