@@ -4,7 +4,6 @@
 
 # %% ../nbs/09_edit.ipynb #ed000003
 from __future__ import annotations
-import io
 import json
 import shutil
 import sys
@@ -19,14 +18,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .data import CELEBA_ATTRIBUTES, NUM_ATTRIBUTES, CelebA, CelebADataset, MtabnError, get_transform
-from .models import (ABN, atomic_write, attribute_logits, checkpoint_file, forward_with_attention, load_checkpoint,
-                     load_model, saved_config)
-from .synth import (PART_DIR, SHIFTED_DIR, attribute_mask, load_part_map, shortcut_mask)
-from .train import (Learner, _check_run_dir, config_from_dict, evaluate, evaluate_run, load_config, seed_everything)
+from .data import CELEBA_ATTRIBUTES, CelebA, CelebADataset, MtabnError, get_transform
+from .models import ABN, atomic_write, attribute_logits, checkpoint_file, load_checkpoint, load_model, saved_config
+from .synth import SHIFTED_DIR, attribute_mask, load_part_map, shortcut_mask
+from .train import Learner, _check_run_dir, config_from_dict, evaluate, load_config, seed_everything
 from .metrics import summarize
-from .explain import (POINTING_TOLERANCE, attention_saliency, baseline_saliency, attribute_prior, pointing_game,
-                      resize_mask)
+from .explain import attention_saliency, attribute_prior, baseline_saliency, pointing_game, resize_mask
 
 # %% auto #0
 __all__ = ['EDIT_INDEX', 'EDIT_COLUMNS', 'TRAIN_LAYERS', 'FINETUNE_FILE', 'EXPERIMENT_RECIPE', 'FINETUNE_DEFAULTS', 'MEASURED',
@@ -469,14 +466,13 @@ def before_after_figure(runs: dict, data, split: str, attribute: str, n: int = 4
 def main(argv=None):
     "`python -m multitask_abn.edit [--work DIR] [--budgets 10 50 200]`: the whole experiment (`make edit-demo`)."
     import argparse
-    from multitask_abn.cli import user_errors
     parser = argparse.ArgumentParser(prog='python -m multitask_abn.edit', description=run_edit_experiment.__doc__.split('\n')[0])
     parser.add_argument('--work', default='runs/edit', help='folder for the data, runs, edits and edit_results.csv')
     parser.add_argument('--attribute', default='Smiling')
     parser.add_argument('--budgets', type=int, nargs='+', default=[10, 50, 200], help='numbers of edited images')
     args = parser.parse_args(argv)
-    with user_errors('python -m multitask_abn.edit'):
-        table = run_edit_experiment(args.work, args.attribute, budgets=tuple(args.budgets))
+    try: table = run_edit_experiment(args.work, args.attribute, budgets=tuple(args.budgets))
+    except MtabnError as e: sys.exit(f"python -m multitask_abn.edit: error: {e}")     # one line, as the console scripts do
     print(results_table(table).to_string())
 
 # %% ../nbs/09_edit.ipynb #ed000027
