@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 DATA ?= data/synth
 RUN ?= runs/demo
 
-.PHONY: install demo explain test test-slow gpu-check lab export constraints readme readme-images
+.PHONY: install demo explain edit-demo test test-slow gpu-check lab export constraints readme readme-images
 
 install: $(INSTALLED)
 
@@ -47,6 +47,13 @@ explain: install
 	  $(BIN)/mtabn_explain $(EXPLAIN_RUN) --baseline $(EXPLAIN_RUN)_baseline --split $$split --metrics-images 256 || exit 1; \
 	done
 	$(BIN)/mtabn_report $(EXPLAIN_RUN) $(EXPLAIN_RUN)_baseline --out $(EXPLAIN_RUN)/report
+
+# Attention editing (nbs/09_edit): SynthCelebA with a badge planted for Smiling in the train split, an ABN trained on it and
+# one on unbiased faces, fine-tuning on 10, 50 and 200 ground-truth edited maps with and without the attention loss, every
+# model measured on valid/test, unbiased and shifted, into $(EDIT_WORK)/edit_results.csv. See README for its time.
+EDIT_WORK ?= runs/edit
+edit-demo: install
+	$(BIN)/python -m multitask_abn.edit --work $(EDIT_WORK)
 
 # Every notebook runs twice: in-process by nbdev_test, and in a real Jupyter kernel as JupyterLab's "Run All" runs
 # it (tests/test_notebooks.py, `#| eval: false` cells included); `#| slow` cells only under test-slow.

@@ -13,7 +13,7 @@ from .data import MtabnError
 
 # %% auto #0
 __all__ = ['user_errors', 'command_parser', 'command', 'mtabn_synth', 'mtabn_verify', 'mtabn_train', 'mtabn_eval',
-           'mtabn_predict', 'mtabn_explain', 'mtabn_report', 'mtabn_sweep', 'mtabn_demo']
+           'mtabn_predict', 'mtabn_explain', 'mtabn_report', 'mtabn_sweep', 'mtabn_finetune', 'mtabn_demo']
 
 # %% ../nbs/07_cli.ipynb #f82f3b1f
 @contextmanager
@@ -58,12 +58,15 @@ def mtabn_synth(
     n: Param('number of images', int) = 1000,
     seed: Param('random seed', int) = 0,
     layout: Param('aligned (CelebA\'s aligned crops) or wild (faces anywhere in the frame)', str) = 'aligned',
+    shortcut: Param('plant a badge: ATTR:p:q, in a share p of the train images with ATTR and q of those without (writes OUT/shifted too)', str) = None,
 ):
     "Write a SynthCelebA folder (CelebA's layout plus part maps) and print it with its split sizes."
     from multitask_abn.synth import make_synth_celeba, synth_split_sizes
-    with user_errors('mtabn_synth'): root = make_synth_celeba(out, n=n, seed=seed, layout=layout, num_workers=min(os.cpu_count() or 1, 4))
+    with user_errors('mtabn_synth'):
+        root = make_synth_celeba(out, n=n, seed=seed, layout=layout, shortcut=shortcut, num_workers=min(os.cpu_count() or 1, 4))
     train, valid, test = synth_split_sizes(n)
-    print(f"{root}: {n} SynthCelebA images (seed {seed}, {layout} layout): train {train}, valid {valid}, test {test}")
+    print(f"{root}: {n} SynthCelebA images (seed {seed}, {layout} layout): train {train}, valid {valid}, test {test}"
+          + (f"; shortcut {shortcut}, shifted valid and test in {root}/shifted" if shortcut else ''))
 
 # %% ../nbs/07_cli.ipynb #0540bfde
 @command
@@ -233,6 +236,25 @@ def mtabn_sweep(
     with user_errors('mtabn_sweep'):
         sweep = run_sweep(grid, out, notebook, params=param, execution_timeout=timeout, report=report)
     if (sweep.status.status == 'failed').any(): sys.exit(1)
+
+# %% ../nbs/07_cli.ipynb #12688635
+@command
+def mtabn_finetune(
+    run: str,  # run folder of an ABN model
+    edits: Param('folder of edited maps (edits.csv: image,attribute,file, and the PNGs)', str, required=True) = None,
+    out: Param('run folder to write', str, required=True) = None,
+    attention_weight: float = 1.0,  # lambda of || A(x) - A_edit ||^2 (0: plain fine-tuning on the same images)
+    train_layers: str = 'all',  # all, attention, attention+heads or perception
+    epochs: int = 20,  # passes over the edited pairs
+    lr: float = 0.005,  # SGD learning rate (momentum and weight decay: the run's)
+    batch_size: int = 10,  # edited pairs per step
+    seed: int = 0,  # order of the pairs
+    overwrite: bool = False,  # replace an earlier run in --out
+):
+    "Fine-tune a run on edited attention maps (Mitsuhara et al.'s loss) into a new run folder."
+    from multitask_abn.edit import finetune
+    with user_errors('mtabn_finetune'):
+        print(f"run folder: {finetune(run, edits, out, attention_weight, train_layers, epochs, lr, batch_size, seed, overwrite)}")
 
 # %% ../nbs/07_cli.ipynb #6207e302
 @command

@@ -30,8 +30,8 @@ from .align import DETECTOR_INSTALL, align_photo, load_detector
 from .models import (atomic_write, attribute_logits, attribute_probabilities, inference_settings, load_model,
                                   read_thresholds, saved_config)
 from .train import resolve_device
-from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, load_part_map, render_face,
-                                 sample_attributes, synth_settings)
+from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, load_part_map, marker_shortcut,
+                                 render_face, sample_attributes, synth_settings, synth_split_sizes)
 
 # %% auto #0
 __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGIN', 'WRONG', 'RIGHT', 'POINTING_TOLERANCE',
@@ -644,13 +644,17 @@ class Counterfactuals:
     def __init__(self, root, transform, threshold: int = CHANGE_THRESHOLD):
         settings = synth_settings(root)
         self.seed, self.layout, self.transform, self.threshold = settings['seed'], settings['layout'], transform, threshold
+        self.shortcut, self.valid_test = marker_shortcut(settings)     # a planted badge is redrawn where the set has it
+        self.train_size = synth_split_sizes(settings['n'])[0]
         self._cache = {}
 
     def draw(self, number: int, off: str | None = None, camera: bool = True):
         "`render_face` of image `number` of the set (its labels, with `off` switched off): (image, part map, landmarks)."
         rng = np.random.default_rng([self.seed, number])
         labels = sample_attributes(rng)
-        return render_face(labels if off is None else {**labels, off: False}, rng, camera, self.layout)
+        mark = self.shortcut is not None and self.shortcut.marked(self.seed, number, labels[self.shortcut.attribute],
+                                                                  'train' if number <= self.train_size else self.valid_test)
+        return render_face(labels if off is None else {**labels, off: False}, rng, camera, self.layout, mark)
 
     def pair(self, filename: str, attribute: str):
         """(the counterfactual image as the model sees it, the changed-pixel region at full size), or None when switching

@@ -24,11 +24,11 @@ __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTI
            'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS',
            'UNSEEN_PRESET_FIELDS', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
            'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'ABN', 'ResNetBaseline', 'list_models',
-           'resolve_preset', 'create_model', 'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights',
-           'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config', 'inference_settings',
-           'thresholds_file', 'file_sha256', 'read_thresholds', 'from_seed_names', 'to_seed_names', 'infer_seed_model',
-           'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint', 'execution_differences', 'fold_batchnorm',
-           'compile_for_inference', 'optimize_for_inference']
+           'resolve_preset', 'create_model', 'forward_with_attention', 'load_checkpoint', 'imagenet_weights_file',
+           'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config',
+           'inference_settings', 'thresholds_file', 'file_sha256', 'read_thresholds', 'from_seed_names',
+           'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
+           'execution_differences', 'fold_batchnorm', 'compile_for_inference', 'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -415,6 +415,36 @@ def create_model(name: str, num_attributes: int = NUM_ATTRIBUTES, pretrained=Non
     model.spec = dict(name=name, num_attributes=num_attributes, **_preset_spec(preset),
                       **{k: model.execution[k] for k in EXACT_EXECUTION})
     return model
+
+# %% ../nbs/02_models.ipynb #a8d9bb8f
+def _supplied_maps(maps: torch.Tensor, attention) -> torch.Tensor:
+    "The model's maps (B x T x h x w) with `attention`'s replacing theirs (a dict index -> B x h x w, or a full tensor)."
+    if isinstance(attention, torch.Tensor):
+        if attention.shape != maps.shape:
+            raise MtabnError(f"supplied attention maps are {tuple(attention.shape)}: this model and batch need {tuple(maps.shape)} (B x T x h x w)")
+        return attention.to(maps.dtype)
+    maps = maps.clone()
+    for t, supplied in attention.items():
+        if not (isinstance(t, int) and 0 <= t < maps.shape[1]):
+            raise MtabnError(f"supplied attention for attribute {t!r}: use attribute indices 0..{maps.shape[1] - 1}")
+        if tuple(supplied.shape) != (maps.shape[0], *maps.shape[2:]):
+            raise MtabnError(f"supplied map of attribute {t} is {tuple(supplied.shape)}: this model and batch need "
+                             f"{(maps.shape[0], *maps.shape[2:])} (B x h x w, the model's attention grid)")
+        maps[:, t] = supplied.to(maps.dtype)
+    return maps
+
+def forward_with_attention(model: nn.Module, x: torch.Tensor, attention) -> ABNOutput:
+    "`model(x)` with the attention maps of `attention` (`{attribute: B x h x w}` or B x T x h x w) read by the perception branch."
+    if not isinstance(model, ABN): raise MtabnError(f"supplied attention maps need an ABN model; {type(model).__name__} has no attention branch")
+    if model.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16) if model.bf16 else contextlib.nullcontext():
+        features = model.features(x)
+        logits, maps = model.attention_branch(features)
+        maps = _supplied_maps(maps, attention)
+        modulation = maps + 1 if model.preset.residual_attention else maps
+        perceive = model.perceive_loop if model.perception == 'loop' else model.perceive_chunked
+        out = ABNOutput(perceive(features, modulation), logits, maps)
+    return ABNOutput(*(o.float() for o in out)) if model.bf16 else out
 
 # %% ../nbs/02_models.ipynb #5a21346c
 def load_checkpoint(path, what: str = 'checkpoint'):

@@ -11,7 +11,7 @@ import numbers
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
 from statistics import NormalDist
@@ -29,10 +29,11 @@ from .data import (BBOX_COLUMNS, BBOX_FILE, CELEBA_ATTRIBUTES, CELEBA_TRAIN_FREQ
 __all__ = ['IMAGE_WIDTH', 'IMAGE_HEIGHT', 'PART_DIR', 'PART_TABLE', 'MARKER_FILE', 'PART_NAMES', 'PART_IDS', 'SKIN_PARTS',
            'BEARD_PARTS', 'FACE_SHAPE_PARTS', 'ATTRIBUTE_PARTS', 'CELEBA_POSITIVE_RATES', 'HAIR_COLOURS',
            'HAIR_TEXTURES', 'BEARDS', 'ATTRACTIVE_THRESHOLD', 'CX', 'CY', 'LAYOUTS', 'FACE_BOX_PARTS',
-           'GENERATOR_VERSION', 'JPEG_QUALITY', 'MAX_IMAGES', 'HQ_CLASS_OF_PART', 'part_table', 'sample_attributes',
+           'GENERATOR_VERSION', 'JPEG_QUALITY', 'MAX_IMAGES', 'SHORTCUT_PART', 'SHORTCUT_PART_ID', 'SHORTCUT_VERSIONS',
+           'SHIFTED_DIR', 'SHORTCUT_STREAM', 'HQ_CLASS_OF_PART', 'part_table', 'sample_attributes',
            'compare_frequencies', 'render_face', 'synth_face', 'face_box', 'evidence_table', 'synth_split_sizes',
-           'synth_settings', 'make_synth_celeba', 'load_part_map', 'attribute_mask', 'hq_class_masks',
-           'write_celebamask_hq', 'benchmark_synth']
+           'synth_settings', 'make_synth_celeba', 'load_part_map', 'attribute_mask', 'Shortcut', 'parse_shortcut',
+           'shortcut_mask', 'marker_shortcut', 'hq_class_masks', 'write_celebamask_hq', 'benchmark_synth']
 
 # %% ../nbs/01_synth.ipynb #3d099eab
 IMAGE_WIDTH, IMAGE_HEIGHT = 178, 218   # CelebA's aligned crops
@@ -61,10 +62,12 @@ ATTRIBUTE_PARTS = {
     'Wearing_Necklace': ('necklace', 'neck'), 'Wearing_Necktie': ('necktie', 'clothes'),
     'Young': ('forehead', 'eyes', 'upper_lip', 'jaw')}
 
-def part_table() -> pd.DataFrame:
-    "One row per part id: its name and the attributes whose evidence lies there (`synth_parts.csv` holds the first two columns)."
-    return pd.DataFrame({'part_id': range(len(PART_NAMES)), 'name': PART_NAMES,
-                         'attributes': [', '.join(a for a, ps in ATTRIBUTE_PARTS.items() if p in ps) for p in PART_NAMES]})
+def part_table(shortcut: bool = False) -> pd.DataFrame:
+    """One row per part id: its name and the attributes whose evidence lies there (`synth_parts.csv` holds the first two
+    columns); `shortcut`: with the planted badge's part (`SHORTCUT_PART`), which is no attribute's evidence."""
+    names = (*PART_NAMES, SHORTCUT_PART) if shortcut else PART_NAMES
+    return pd.DataFrame({'part_id': range(len(names)), 'name': names,
+                         'attributes': [', '.join(a for a, ps in ATTRIBUTE_PARTS.items() if p in ps) for p in names]})
 
 # %% ../nbs/01_synth.ipynb #020a9fbd
 _NO_BEARD_RATE = 0.835     # CelebA train: 83.5 % of faces have no beard
@@ -576,7 +579,7 @@ def _draw_glasses(P, a, f, rng):
     P.poly([(CX - f.edx + 15, ey - 1), (CX, ey - 3), (CX + f.edx - 15, ey - 1)], frame, 'eyeglasses', thickness=3, closed=False)
 
 _STEPS = ('background', 'pose', 'geometry', 'back_hair', 'body', 'ears', 'eyes', 'mouth', 'front_hair', 'hat', 'glasses',
-          'camera', 'wild')       # new steps go last: the streams of the others keep their seeds
+          'camera', 'wild', 'shortcut')       # new steps go last: the streams of the others keep their seeds
 LAYOUTS = ('aligned', 'wild')
 
 def _layout(layout: str, pose, wild) -> _Layout:
@@ -589,9 +592,10 @@ def _layout(layout: str, pose, wild) -> _Layout:
     side = 1 if wild.random() < 0.5 else -1
     return _Layout(offset, scale, angle, earring_sides=(side,), hat_tilt=side * wild.uniform(8, 22), body_extra=180.)
 
-def render_face(a: dict, rng: np.random.Generator, camera: bool = True, layout: str = 'aligned'):
+def render_face(a: dict, rng: np.random.Generator, camera: bool = True, layout: str = 'aligned', mark: bool = False):
     """Draw a face showing the labels `a`: (RGB image 218x178x3, part-id map 218x178, 10 landmarks); `camera=False`: no noise,
-    colour balance or blur; `layout`: 'aligned' (CelebA's aligned crops) or 'wild' (see `_layout`)."""
+    colour balance or blur; `layout`: 'aligned' (CelebA's aligned crops) or 'wild' (see `_layout`); `mark`: draw the
+    planted shortcut's badge (see `Shortcut`)."""
     key = int(rng.integers(2 ** 63))      # one stream per step: a label changes only its own step's drawing
     r = {step: np.random.default_rng([key, i]) for i, step in enumerate(_STEPS)}
     parts = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH), np.uint8)
@@ -611,16 +615,19 @@ def render_face(a: dict, rng: np.random.Generator, camera: bool = True, layout: 
     _draw_front_hair(P, a, f, r['front_hair'], texture)
     _draw_hat(P, a, f, r['hat'])
     _draw_glasses(P, a, f, r['glasses'])
+    if mark: _draw_shortcut_mark(P.img, parts, r['shortcut'])
     corners_y = f.my - f.raise_
     landmarks = P.xy([(f.eyes_x[0], f.ey), (f.eyes_x[1], f.ey), (CX, f.ny), (CX - f.hw, corners_y), (CX + f.hw, corners_y)])
     img = _camera(P.img, r['camera'], a['Blurry']) if camera else P.img
     return img, parts, np.round(landmarks).astype(np.int64).ravel()
 
-def synth_face(seed: int, number: int, layout: str = 'aligned'):
-    "Image `number` (1-based) of the SynthCelebA set `seed` in `layout`: (labels dict, RGB image, part map, 10 landmarks)."
+def synth_face(seed: int, number: int, layout: str = 'aligned', shortcut: Shortcut | None = None, version: str = 'train'):
+    """Image `number` (1-based) of the SynthCelebA set `seed` in `layout`: (labels dict, RGB image, part map, 10 landmarks);
+    with a planted `shortcut`, its badge where `shortcut.marked` says for the image's `version` ('train', 'unbiased', 'shifted')."""
     rng = np.random.default_rng([seed, number])
     labels = sample_attributes(rng)
-    return (labels, *render_face(labels, rng, layout=layout))
+    mark = shortcut is not None and shortcut.marked(seed, number, labels[shortcut.attribute], version)
+    return (labels, *render_face(labels, rng, layout=layout, mark=mark))
 
 FACE_BOX_PARTS = ('face', 'forehead', 'eyebrows', 'eyes', 'under_eyes', 'nose', 'cheeks', 'upper_lip', 'mouth', 'chin', 'jaw',
                   'sideburns', 'ears')
@@ -673,10 +680,10 @@ def synth_split_sizes(n: int) -> tuple[int, int, int]:
 
 def _write_chunk(job):
     "Render and write the images `numbers`; return their label, landmark and face-box rows (also runs in worker processes)."
-    root, seed, layout, numbers = job
+    root, seed, layout, numbers, shortcut, versions = job
     labels, landmarks, boxes = [], [], []
-    for number in numbers:
-        a, image, parts, points = synth_face(seed, number, layout)
+    for number, version in zip(numbers, versions):
+        a, image, parts, points = synth_face(seed, number, layout, shortcut, version)
         jpeg = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
         jpeg.tofile(root/IMAGE_DIR/f"{number:06d}.jpg")
         cv2.imencode('.png', parts, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tofile(root/PART_DIR/f"{number:06d}.png")
@@ -696,9 +703,12 @@ def _read_marker(out: Path) -> dict | None:
     try: return json.loads(path.read_text())
     except (ValueError, OSError): return {}
 
-def _marker(n: int, seed: int, layout: str, complete: bool) -> dict:
-    "What the marker file says of a set: the cache key (generator version, n, seed, layout) and whether it was finished."
-    return dict(generator='multitask_abn.synth', version=GENERATOR_VERSION, n=n, seed=seed, layout=layout, complete=complete)
+def _marker(n: int, seed: int, layout: str, complete: bool, shortcut: Shortcut | None = None, valid_test: str = 'unbiased') -> dict:
+    """What the marker file says of a set: the cache key (generator version, n, seed, layout, a planted shortcut and which
+    version of it valid and test show) and whether it was finished."""
+    marker = dict(generator='multitask_abn.synth', version=GENERATOR_VERSION, n=n, seed=seed, layout=layout, complete=complete)
+    if shortcut is not None: marker['shortcut'] = dict(asdict(shortcut), valid_test=valid_test)
+    return marker
 
 def synth_settings(root) -> dict:
     "The generator settings (n, seed, layout, ...) of a complete SynthCelebA folder, read from its marker file."
@@ -709,9 +719,11 @@ def synth_settings(root) -> dict:
                          f"this is not a complete SynthCelebA folder (regenerate it with mtabn_synth)")
     return marker
 
-def _is_finished(out: Path, marker: dict | None, n: int, seed: int, layout: str) -> bool:
-    if marker != _marker(n, seed, layout, complete=True): return False
-    return all((out/d).is_dir() and sum(1 for _ in (out/d).iterdir()) == n for d in (IMAGE_DIR, PART_DIR))
+def _is_finished(out: Path, marker: dict | None, n: int, seed: int, layout: str, shortcut: Shortcut | None = None) -> bool:
+    if marker != _marker(n, seed, layout, True, shortcut): return False
+    folders = {out: n, **({out/SHIFTED_DIR: n - synth_split_sizes(n)[0]} if shortcut else {})}
+    return all((root/d).is_dir() and sum(1 for _ in (root/d).iterdir()) == count
+               for root, count in folders.items() for d in (IMAGE_DIR, PART_DIR))
 
 def _prepare(out: Path, marker: dict | None):
     "Make `out` an empty folder: create it, or clear a previous SynthCelebA set; refuse anything else."
@@ -720,29 +732,23 @@ def _prepare(out: Path, marker: dict | None):
     if out.is_dir() and any(out.iterdir()):
         if marker is None:
             raise MtabnError(f"{out} is not empty and is not a SynthCelebA folder (no {MARKER_FILE}): pass a new or empty folder")
-        for d in (IMAGE_DIR, PART_DIR): shutil.rmtree(out/d, ignore_errors=True)
+        for d in (IMAGE_DIR, PART_DIR, SHIFTED_DIR): shutil.rmtree(out/d, ignore_errors=True)
         for name in (*_OWN_FILES, MARKER_FILE): (out/name).unlink(missing_ok=True)
     for d in (IMAGE_DIR, PART_DIR): (out/d).mkdir(parents=True, exist_ok=True)
 
-def _write_marker(out: Path, n: int, seed: int, layout: str, complete: bool):
-    (out/MARKER_FILE).write_text(json.dumps(_marker(n, seed, layout, complete)) + '\n')
+def _write_marker(out: Path, n: int, seed: int, layout: str, complete: bool, shortcut: Shortcut | None = None,
+                  valid_test: str = 'unbiased'):
+    (out/MARKER_FILE).write_text(json.dumps(_marker(n, seed, layout, complete, shortcut, valid_test)) + '\n')
 
-def make_synth_celeba(out, n: int = 1000, seed: int = 0, num_workers: int = 1, progress: bool | None = None,
-                      layout: str = 'aligned') -> Path:
-    """Write `n` SynthCelebA images (seed `seed`) into `out` in CelebA's layout, plus part maps; return the folder.
-    `layout`: 'aligned' (CelebA's aligned crops) or 'wild' (faces anywhere in the frame, see `render_face`)."""
-    _check_int('n', n, 1, MAX_IMAGES, "the number of images to generate, e.g. 1000")
-    _check_int('seed', seed, 0, 2 ** 63 - 1, "a non-negative random seed")
-    _check_int('num_workers', num_workers, 1, 256, "processes rendering in parallel")
-    if layout not in LAYOUTS: raise MtabnError(f"layout={layout!r} (--layout): use one of {', '.join(LAYOUTS)}")
-    out = Path(out).expanduser()
-    marker = _read_marker(out)
-    if _is_finished(out, marker, n, seed, layout): return out
-    _prepare(out, marker)
-    _write_marker(out, n, seed, layout, complete=False)
-    jobs = [(out, seed, layout, range(start, min(start + _CHUNK, n + 1))) for start in range(1, n + 1, _CHUNK)]
+def _write_set(out: Path, n: int, seed: int, layout: str, first: int, num_workers: int, progress: bool | None,
+               shortcut: Shortcut | None, valid_test: str):
+    "Render images `first`..`n` of the set into `out` (train split: the images up to the set's train size) and annotate them."
+    train, valid, test = synth_split_sizes(n)
+    numbers = range(first, n + 1)
+    jobs = [(out, seed, layout, chunk, shortcut, ['train' if k <= train else valid_test for k in chunk])
+            for chunk in (numbers[i:i + _CHUNK] for i in range(0, len(numbers), _CHUNK))]
     labels, landmarks, boxes = [], [], []
-    with tqdm(total=n, unit='img', desc='SynthCelebA', disable=not (n >= 2000 if progress is None else progress)) as bar:
+    with tqdm(total=len(numbers), unit='img', desc='SynthCelebA', disable=not (n >= 2000 if progress is None else progress)) as bar:
         pool = Pool(num_workers) if num_workers > 1 else None
         try:
             for chunk_labels, chunk_landmarks, chunk_boxes in (pool.imap(_write_chunk, jobs) if pool else map(_write_chunk, jobs)):
@@ -750,11 +756,34 @@ def make_synth_celeba(out, n: int = 1000, seed: int = 0, num_workers: int = 1, p
                 bar.update(len(chunk_labels))
         finally:
             if pool: pool.close(); pool.join()
-    train, valid, test = synth_split_sizes(n)
-    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
-    write_celeba_annotations(out, names, np.array(labels), [0] * train + [1] * valid + [2] * test, np.array(landmarks), boxes)
-    part_table()[['part_id', 'name']].to_csv(out/PART_TABLE, index=False)
-    _write_marker(out, n, seed, layout, complete=True)
+    names = [f"{i:06d}.jpg" for i in numbers]
+    partition = [0 if k <= train else 1 if k <= train + valid else 2 for k in numbers]
+    write_celeba_annotations(out, names, np.array(labels), partition, np.array(landmarks), boxes)
+    part_table(shortcut is not None)[['part_id', 'name']].to_csv(out/PART_TABLE, index=False)
+
+def make_synth_celeba(out, n: int = 1000, seed: int = 0, num_workers: int = 1, progress: bool | None = None,
+                      layout: str = 'aligned', shortcut: Shortcut | str | None = None) -> Path:
+    """Write `n` SynthCelebA images (seed `seed`) into `out` in CelebA's layout, plus part maps; return the folder.
+    `layout`: 'aligned' (CelebA's aligned crops) or 'wild' (faces anywhere in the frame, see `render_face`).
+    `shortcut` ('ATTR:p:q' or a `Shortcut`): plant a badge correlated with ATTR in the train split, independent of it in
+    valid and test, and write `out/shifted/`, the valid and test images with the badge anti-correlated (see `Shortcut`)."""
+    _check_int('n', n, 1, MAX_IMAGES, "the number of images to generate, e.g. 1000")
+    _check_int('seed', seed, 0, 2 ** 63 - 1, "a non-negative random seed")
+    _check_int('num_workers', num_workers, 1, 256, "processes rendering in parallel")
+    if layout not in LAYOUTS: raise MtabnError(f"layout={layout!r} (--layout): use one of {', '.join(LAYOUTS)}")
+    if isinstance(shortcut, str): shortcut = parse_shortcut(shortcut)
+    out = Path(out).expanduser()
+    marker = _read_marker(out)
+    if _is_finished(out, marker, n, seed, layout, shortcut): return out
+    _prepare(out, marker)
+    _write_marker(out, n, seed, layout, False, shortcut)
+    _write_set(out, n, seed, layout, 1, num_workers, progress, shortcut, 'unbiased')
+    if shortcut is not None:
+        shifted = out/SHIFTED_DIR
+        for d in (IMAGE_DIR, PART_DIR): (shifted/d).mkdir(parents=True)
+        _write_set(shifted, n, seed, layout, synth_split_sizes(n)[0] + 1, num_workers, progress, shortcut, 'shifted')
+        _write_marker(shifted, n, seed, layout, True, shortcut, 'shifted')
+    _write_marker(out, n, seed, layout, True, shortcut)
     return out
 
 def load_part_map(root, filename) -> np.ndarray:
@@ -772,6 +801,70 @@ def attribute_mask(part_map: np.ndarray, attribute: str) -> np.ndarray:
     if attribute not in ATTRIBUTE_PARTS:
         raise MtabnError(f"unknown attribute {attribute!r}: use one of CELEBA_ATTRIBUTES, e.g. 'Smiling'")
     return np.isin(part_map, [PART_IDS[p] for p in ATTRIBUTE_PARTS[attribute]])
+
+# %% ../nbs/01_synth.ipynb #d6edfe65
+SHORTCUT_PART = 'shortcut'
+SHORTCUT_PART_ID = len(PART_NAMES)     # after the anatomical parts: their ids do not move
+SHORTCUT_VERSIONS = ('train', 'unbiased', 'shifted')
+SHIFTED_DIR = 'shifted'
+SHORTCUT_STREAM = 1_000_003            # the per-image stream of the badge decision, apart from the drawing's
+_BADGE_CENTRE, _BADGE_RADIUS, _BADGE_COLOUR = (24., 26.), 12., (0., 230., 255.)
+
+@dataclass(frozen=True)
+class Shortcut:
+    "A badge drawn in a share `p` of the train images with `attribute` and a share `q` of those without."
+    attribute: str
+    p: float
+    q: float
+
+    def __post_init__(self):
+        if self.attribute not in CELEBA_ATTRIBUTES:
+            raise MtabnError(f"shortcut attribute {self.attribute!r} (--shortcut ATTR:p:q): use a CelebA attribute, e.g. Smiling")
+        for name in ('p', 'q'):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise MtabnError(f"shortcut {name}={value!r} (--shortcut ATTR:p:q): must be a share from 0 to 1")
+
+    def rate(self, positive: bool, version: str) -> float:
+        "The chance of the badge in an image with (`positive`) or without the attribute, in `version` of the set."
+        if version == 'train': return self.p if positive else self.q
+        if version == 'unbiased': return (self.p + self.q) / 2
+        if version == 'shifted': return self.q if positive else self.p
+        raise MtabnError(f"shortcut version {version!r}: use one of {', '.join(SHORTCUT_VERSIONS)}")
+
+    def marked(self, seed: int, number: int, positive: bool, version: str) -> bool:
+        "Whether image `number` of set `seed` shows the badge in `version` (one uniform draw per image for every version)."
+        return bool(np.random.default_rng([seed, number, SHORTCUT_STREAM]).random() < self.rate(positive, version))
+
+def parse_shortcut(text: str) -> Shortcut:
+    "`Shortcut` from 'ATTR:p:q', e.g. 'Smiling:0.95:0.05' (mtabn_synth's --shortcut)."
+    parts = str(text).split(':')
+    try:
+        if len(parts) != 3: raise ValueError
+        return Shortcut(parts[0], float(parts[1]), float(parts[2]))
+    except ValueError:
+        raise MtabnError(f"--shortcut {text!r}: write ATTR:p:q, e.g. Smiling:0.95:0.05 (p, q: shares of the train images "
+                         f"with and without ATTR that show the badge)") from None
+
+def _draw_shortcut_mark(img, parts, rng):
+    "The badge over whatever is there, a few pixels from its place; its pixels become part `shortcut`."
+    centre = np.array(_BADGE_CENTRE) + rng.uniform(-4, 4, 2)
+    disc = np.zeros(parts.shape, np.uint8)
+    cv2.circle(disc, tuple(np.round(centre * _ONE).astype(int)), round(_BADGE_RADIUS * _ONE), 1, -1, cv2.LINE_8, _SHIFT)
+    ring = disc & ~cv2.erode(disc, np.ones((5, 5), np.uint8)).astype(bool)
+    img[disc.astype(bool)] = _BADGE_COLOUR
+    img[ring.astype(bool)] = (20, 30, 60)
+    parts[disc.astype(bool)] = SHORTCUT_PART_ID
+
+def shortcut_mask(part_map: np.ndarray) -> np.ndarray:
+    "Boolean H x W mask of the badge's pixels in a part map (all False where no badge was drawn)."
+    return part_map == SHORTCUT_PART_ID
+
+def marker_shortcut(settings: dict) -> tuple[Shortcut | None, str]:
+    "The planted `Shortcut` of a set's marker (`synth_settings`) and the version its valid and test images show."
+    recorded = settings.get('shortcut')
+    if not recorded: return None, 'unbiased'
+    return Shortcut(recorded['attribute'], recorded['p'], recorded['q']), recorded['valid_test']
 
 # %% ../nbs/01_synth.ipynb #0608b5a7
 # SynthCelebA part -> CelebAMask-HQ class; a pair is split by the face: (image-left, image-right) of the line between the eyes'
