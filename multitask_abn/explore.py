@@ -22,10 +22,11 @@ from .analysis import (METRIC_LABELS, Runs, _data_root, figure_image, load_runs,
                                     select_attributes)
 
 # %% auto #0
-__all__ = ['LABEL_SOURCE', 'CONSISTENT_ATTRIBUTES', 'LABEL_RELIABILITY', 'EXPLANATION_COLUMNS', 'ALL_ATTRIBUTES', 'MAX_LISTED',
-           'LARGE_PANEL', 'GALLERY_ORDERS', 'UNRELIABLE_COLOUR', 'label_quality', 'marked', 'confusion_counts',
-           'attribute_results', 'explanation_records', 'RunImages', 'image_table', 'jpeg', 'matching_names',
-           'AttentionBrowser', 'gallery_order', 'AttributeGallery', 'mark_unreliable', 'ResultsExplorer']
+__all__ = ['LABEL_SOURCE', 'CONSISTENT_ATTRIBUTES', 'LABEL_RELIABILITY', 'EXPLANATION_COLUMNS', 'SNAPSHOT_WIDTH',
+           'SNAPSHOT_QUALITY', 'ALL_ATTRIBUTES', 'MAX_LISTED', 'LARGE_PANEL', 'GALLERY_ORDERS', 'UNRELIABLE_COLOUR',
+           'label_quality', 'marked', 'confusion_counts', 'attribute_results', 'explanation_records', 'RunImages',
+           'image_table', 'jpeg', 'matching_names', 'AttentionBrowser', 'gallery_order', 'AttributeGallery',
+           'mark_unreliable', 'ResultsExplorer']
 
 # %% ../nbs/11_explore.ipynb #27bdbe13
 LABEL_SOURCE = ("Wu, Bezold, Günther, Boult, King, Bowyer: Consistency and Accuracy of CelebA Attribute Values, "
@@ -124,13 +125,21 @@ def image_table(explanation: Explanation, records: pd.DataFrame | None = None, a
         table = table.join(rows[list(EXPLANATION_COLUMNS)])
     return table
 
-# %% ../nbs/11_explore.ipynb #71675439
+# %% ../nbs/11_explore.ipynb #a16c1b88
 def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     "An RGB uint8 array as JPEG bytes."
     ok, data = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     return data.tobytes()
 
+SNAPSHOT_WIDTH, SNAPSHOT_QUALITY = 960, 70
+
 def _img_tag(data: bytes, kind: str = 'jpeg') -> str:
+    "An <img> of a picture for the static copy: JPEG pictures shrunk to `SNAPSHOT_WIDTH` px, so that saved notebooks stay small."
+    if kind == 'jpeg' and data:
+        picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if picture.shape[1] > SNAPSHOT_WIDTH:
+            picture = cv2.resize(picture, (SNAPSHOT_WIDTH, round(picture.shape[0] * SNAPSHOT_WIDTH / picture.shape[1])), interpolation=cv2.INTER_AREA)
+        data = cv2.imencode('.jpg', picture, [cv2.IMWRITE_JPEG_QUALITY, SNAPSHOT_QUALITY])[1].tobytes()
     return f'<img src="data:image/{kind};base64,{base64.b64encode(data).decode()}" style="max-width:100%">'
 
 def _table_html(table: pd.DataFrame, digits: int = 3) -> str:

@@ -33,14 +33,15 @@ from .data import MtabnError
 from .analysis import small_png
 
 # %% auto #0
-__all__ = ['PROJECT', 'FIGURE_DPI', 'MAX_STREAM_LINES', 'WIDGET_VIEW', 'NOT_RECORDED', 'SEED', 'KERNEL_SETUP', 'NOTEBOOK_LINK',
-           'MODULES_SKIPPED', 'notebooks', 'skip_reason', 'compress_png', 'collapse_redraws', 'shorten', 'tidy_outputs',
-           'clean_like_nbdev', 'record_notebook', 'record_notebooks', 'docs_config', 'build_docs', 'site_problems',
-           'main']
+__all__ = ['PROJECT', 'FIGURE_DPI', 'JPEG_QUALITY', 'MAX_STREAM_LINES', 'WIDGET_VIEW', 'NOT_RECORDED', 'SEED', 'KERNEL_SETUP',
+           'NOTEBOOK_LINK', 'MODULES_SKIPPED', 'notebooks', 'skip_reason', 'compress_image', 'collapse_redraws',
+           'shorten', 'tidy_outputs', 'clean_like_nbdev', 'record_notebook', 'record_notebooks', 'docs_config',
+           'build_docs', 'site_problems', 'main']
 
-# %% ../nbs/12_workbook.ipynb #f080ce59
+# %% ../nbs/12_workbook.ipynb #b5759176
 PROJECT = Path(multitask_abn.__file__).resolve().parent.parent
 FIGURE_DPI = 80
+JPEG_QUALITY = 80
 MAX_STREAM_LINES = 40
 WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'
 NOT_RECORDED = ('application/vnd.jupyter.widget-state+json',)
@@ -68,13 +69,20 @@ def skip_reason(cell, flags=()) -> str | None:
     if flagged: return f"`#| {flagged[0]}` cell: not run by make record (make record FLAGS={flagged[0]} runs it)"
     return None
 
-# %% ../nbs/12_workbook.ipynb #a002baf0
-def compress_png(data: str) -> str:
-    "A base64 PNG as a 256-colour PNG (`analysis.small_png`) when that is smaller; else unchanged."
+# %% ../nbs/12_workbook.ipynb #68ed53d7
+def compress_image(data: str) -> tuple[str, str]:
+    """(mime type, base64) of the smallest faithful copy of a base64 PNG: the PNG itself, its 256-colour version
+    (`analysis.small_png`, as the README's pictures), or, for photograph-like figures only, a JPEG at `JPEG_QUALITY`
+    (chosen when under half the best PNG: plots and text stay PNG, sharp)."""
+    original = b64decode(data)
+    image = Image.open(BytesIO(original))
     with tempfile.TemporaryDirectory() as folder:
-        path = small_png(Image.open(BytesIO(b64decode(data))), Path(folder)/'figure.png', max_bytes=10**12)
-        smaller = path.read_bytes()
-    return b64encode(smaller).decode() if len(smaller) < len(b64decode(data)) else data
+        quantized = small_png(image, Path(folder)/'figure.png', max_bytes=10**12).read_bytes()
+    best = min(original, quantized, key=len)
+    photo = BytesIO()
+    image.convert('RGB').save(photo, 'jpeg', quality=JPEG_QUALITY, optimize=True)
+    if 2 * photo.tell() < len(best): return 'image/jpeg', b64encode(photo.getvalue()).decode()
+    return 'image/png', data if best is original else b64encode(best).decode()
 
 def collapse_redraws(text: str) -> str:
     "Text as a terminal shows it: within each line only what follows the last carriage return."
@@ -98,7 +106,9 @@ def tidy_outputs(outputs: list) -> list:
         if data is not None:
             for mime in (WIDGET_VIEW, *NOT_RECORDED): data.pop(mime, None)
             if set(data) <= {'text/plain'} and out.get('_widget'): continue
-            if 'image/png' in data: data['image/png'] = compress_png(data['image/png'])
+            if 'image/png' in data:
+                mime, data[mime] = compress_image(data.pop('image/png'))
+                if mime != 'image/png' and 'image/png' in out.get('metadata', {}): out['metadata'][mime] = out['metadata'].pop('image/png')
         kept.append(out)
     return [nbformat.from_dict({k: v for k, v in out.items() if k != '_widget'}) for out in kept]
 

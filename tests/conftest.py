@@ -9,6 +9,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: longer end-to-end checks, run by `make test-slow`')
+    config.addinivalue_line('markers', 'browser: real-browser checks (headless Chromium; skipped with the reason when none can be installed)')
 
 
 def console_scripts() -> dict[str, str]:
