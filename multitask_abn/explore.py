@@ -24,7 +24,7 @@ from .analysis import (METRIC_LABELS, Runs, _data_root, figure_image, load_runs,
 # %% auto #0
 __all__ = ['LABEL_SOURCE', 'CONSISTENT_ATTRIBUTES', 'LABEL_RELIABILITY', 'EXPLANATION_COLUMNS', 'SNAPSHOT_WIDTH',
            'SNAPSHOT_QUALITY', 'ALL_ATTRIBUTES', 'MAX_LISTED', 'LARGE_PANEL', 'GALLERY_ORDERS', 'UNRELIABLE_COLOUR',
-           'label_quality', 'marked', 'confusion_counts', 'attribute_results', 'explanation_records', 'RunImages',
+           'label_quality', 'marked', 'confusion_counts', 'attribute_results', 'read_explanation_records', 'RunImages',
            'image_table', 'jpeg', 'matching_names', 'AttentionBrowser', 'gallery_order', 'AttributeGallery',
            'mark_unreliable', 'ResultsExplorer']
 
@@ -70,10 +70,10 @@ def attribute_results(runs: Runs, run_names=None, attributes=None, split=None, b
     table.index = pd.Index(attributes, name='attribute')
     return table
 
-# %% ../nbs/11_explore.ipynb #351b5f79
+# %% ../nbs/11_explore.ipynb #9d667e42
 EXPLANATION_COLUMNS = ('pointing_game', 'energy_share', 'deletion_auc', 'insertion_auc')
 
-def explanation_records(run_dir, split: str) -> pd.DataFrame | None:
+def read_explanation_records(run_dir, split: str) -> pd.DataFrame | None:
     "The run's per-image ABN attention metrics on `split` (`explain/<split>/explanation_records.csv`), or None."
     path = Path(run_dir)/'explain'/split/'explanation_records.csv'
     if not path.is_file(): return None
@@ -92,7 +92,7 @@ class RunImages:
         self.model = model or load_model(self.run_dir)
         self.dataset = CelebADataset(root, split, get_transform(self.preset, size))
         self.index = {name: i for i, name in enumerate(self.dataset.filenames)}
-        self.records = explanation_records(self.run_dir, split)
+        self.records = read_explanation_records(self.run_dir, split)
         self._explained: dict[str, Explanation] = {}
 
     @property
@@ -125,7 +125,7 @@ def image_table(explanation: Explanation, records: pd.DataFrame | None = None, a
         table = table.join(rows[list(EXPLANATION_COLUMNS)])
     return table
 
-# %% ../nbs/11_explore.ipynb #a16c1b88
+# %% ../nbs/11_explore.ipynb #d9dd48ae
 def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     "An RGB uint8 array as JPEG bytes."
     ok, data = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -146,7 +146,8 @@ def _table_html(table: pd.DataFrame, digits: int = 3) -> str:
     shown = table.rename(index=marked) if table.index.name == 'attribute' else table
     return shown.to_html(float_format=lambda x: f"{x:.{digits}f}", na_rep='', border=0)
 
-_FOOTNOTE = f"<p style='font-size:0.85em'>\u2020 CelebA labels known to be unreliable: {html.escape(LABEL_SOURCE)}</p>"
+_FOOTNOTE = (f"<p style='font-size:0.85em'>\u2020 CelebA labels known to be unreliable (only {CONSISTENT_ATTRIBUTES} of the 40 "
+             f"attributes reach 95 % agreement between two annotators): {html.escape(LABEL_SOURCE)}</p>")
 
 class _Explorer:
     "Shared display: live controls in JupyterLab, a static copy (`text/html`) where no kernel runs."

@@ -1,6 +1,6 @@
 """The workbook in a real browser (headless Chromium through Playwright): JupyterLab runs a notebook and the attention
 browser answers a click; the documentation site's pages load with their figures and without broken links.
-Screenshots go to $MTABN_SCREENSHOTS (default: pytest's temporary folder, printed at the end of each test)."""
+Screenshots go to $MTABN_SCREENSHOTS (default: mtabn-browser-screenshots/ in the system's temporary folder)."""
 import functools
 import http.server
 import os
@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -35,8 +36,9 @@ def browser():
 
 
 @pytest.fixture(scope='module')
-def screenshots(tmp_path_factory) -> Path:
-    folder = Path(os.environ.get('MTABN_SCREENSHOTS') or tmp_path_factory.mktemp('screenshots'))
+def screenshots() -> Path:
+    "Kept after the run, passed or not (pytest deletes the temporary folders of passing tests)."
+    folder = Path(os.environ.get('MTABN_SCREENSHOTS') or Path(tempfile.gettempdir())/'mtabn-browser-screenshots')
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -146,11 +148,12 @@ def test_every_docs_page_loads_with_its_figures_and_no_broken_links(browser, sit
         broken = page.locator('article img').evaluate_all('images => images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src.slice(0, 80))')
         assert broken == [], f"{name}: images that did not load: {broken}"
         if name in ('index.html', f"{NOTEBOOK[:-6]}.html", 'api/explore.html'):
+            if name == f"{NOTEBOOK[:-6]}.html": page.locator('article img').first.scroll_into_view_if_needed()
             page.screenshot(path=str(screenshots/f"docs_{name.replace('/', '_').replace('.html', '')}.png"), full_page=False)
     assert failed == []
     page.goto(f"{served}/{NOTEBOOK[:-6]}.html")
     figures = page.locator('article img').evaluate_all('images => images.filter(i => i.naturalWidth > 0).length')
     assert figures >= 3, f"the recorded {NOTEBOOK} page shows {figures} figures"
-    page.locator('nav a', has_text='06_analysis').first.click()                       # the navigation links to the others
+    page.locator('nav a[href$="06_analysis.html"]').first.click()                    # the navigation leads to the others
     page.wait_for_url(f'{served}/06_analysis.html')
     print(f"screenshots in {screenshots}")
