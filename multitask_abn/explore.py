@@ -23,10 +23,10 @@ from .analysis import (METRIC_LABELS, Runs, _data_root, figure_image, load_runs,
 
 # %% auto #0
 __all__ = ['LABEL_SOURCE', 'CONSISTENT_ATTRIBUTES', 'LABEL_RELIABILITY', 'EXPLANATION_COLUMNS', 'SNAPSHOT_WIDTH',
-           'SNAPSHOT_QUALITY', 'ALL_ATTRIBUTES', 'MAX_LISTED', 'LARGE_PANEL', 'GALLERY_ORDERS', 'UNRELIABLE_COLOUR',
-           'label_quality', 'marked', 'confusion_counts', 'attribute_results', 'read_explanation_records', 'RunImages',
-           'image_table', 'jpeg', 'matching_names', 'AttentionBrowser', 'gallery_order', 'AttributeGallery',
-           'mark_unreliable', 'ResultsExplorer']
+           'SNAPSHOT_QUALITY', 'ALL_ATTRIBUTES', 'MAX_LISTED', 'LARGE_PANEL', 'FIT_WIDTH', 'GALLERY_ORDERS',
+           'UNRELIABLE_COLOUR', 'label_quality', 'marked', 'confusion_counts', 'attribute_results',
+           'read_explanation_records', 'RunImages', 'image_table', 'jpeg', 'matching_names', 'AttentionBrowser',
+           'gallery_order', 'AttributeGallery', 'mark_unreliable', 'ResultsExplorer']
 
 # %% ../nbs/11_explore.ipynb #27bdbe13
 LABEL_SOURCE = ("Wu, Bezold, Günther, Boult, King, Bowyer: Consistency and Accuracy of CelebA Attribute Values, "
@@ -159,10 +159,11 @@ class _Explorer:
         bundle['text/html'] = self.snapshot()
         return bundle
 
-# %% ../nbs/11_explore.ipynb #364c423c
+# %% ../nbs/11_explore.ipynb #73006135
 ALL_ATTRIBUTES = 'all 40'
 MAX_LISTED = 300         # file names in the image list at once (type to narrow it)
 LARGE_PANEL = (320, 320)
+FIT_WIDTH = dict(max_width='100%', height='auto')   # a wide grid shrinks to the notebook's width instead of overflowing
 
 def matching_names(names, query: str, limit: int = MAX_LISTED) -> list[str]:
     "File names containing `query` (case-insensitive), at most `limit`."
@@ -180,10 +181,10 @@ class AttentionBrowser(_Explorer):
         self.image_name = widgets.Dropdown(description='image')
         self.attribute = widgets.Dropdown(options=[ALL_ATTRIBUTES, *CELEBA_ATTRIBUTES], value=attribute, description='attribute')
         self.mode = widgets.ToggleButtons(options=list(SCALE_MODES), value=mode, description='scale')
-        self.image = widgets.Image(format='jpeg')
+        self.image = widgets.Image(format='jpeg', layout=FIT_WIDTH)
         self.info = widgets.HTML()
         self.ui = widgets.VBox([widgets.HBox([self.run, self.split, self.search]), widgets.HBox([self.image_name, self.attribute]),
-                                self.mode, widgets.HBox([self.image, self.info])])
+                                self.mode, widgets.HBox([self.image, self.info], layout=widgets.Layout(flex_flow='row wrap'))])
         for control in (self.run, self.split, self.search): control.observe(self._list_names, 'value')
         for control in (self.image_name, self.attribute, self.mode): control.observe(self.draw, 'value')
         self._list_names()
@@ -233,7 +234,7 @@ class AttentionBrowser(_Explorer):
                 f"{html.escape(str(self.image_name.value))}, {self.attribute.value}, scale {self.mode.value}</p>"
                 f"<div style='display:flex;gap:1em;align-items:flex-start'>{_img_tag(self.image.value)}<div>{self.info.value}</div></div>")
 
-# %% ../nbs/11_explore.ipynb #5c1db175
+# %% ../nbs/11_explore.ipynb #769e7fdc
 GALLERY_ORDERS = ('error', 'confidence', 'file name')
 
 def gallery_order(explanations: list[Explanation], attribute: str, by: str = 'error') -> list[Explanation]:
@@ -257,7 +258,7 @@ class AttributeGallery(_Explorer):
         self.attribute = widgets.Dropdown(options=CELEBA_ATTRIBUTES, value=attribute, description='attribute')
         self.order = widgets.ToggleButtons(options=GALLERY_ORDERS, value=order, description='sort by')
         self.mode = widgets.ToggleButtons(options=list(SCALE_MODES), value=mode, description='scale')
-        self.image = widgets.Image(format='jpeg')
+        self.image = widgets.Image(format='jpeg', layout=FIT_WIDTH)
         self.ui = widgets.VBox([widgets.HBox([self.attribute, self.order]), self.mode, self.image])
         for control in (self.attribute, self.order, self.mode): control.observe(self.draw, 'value')
         self.draw()
@@ -271,7 +272,7 @@ class AttributeGallery(_Explorer):
         return (f"<p>Attribute gallery: {marked(self.attribute.value)} on {len(self.explanations)} {self.images.split} images of "
                 f"<b>{html.escape(self.images.run_dir.name)}</b>, sorted by {self.order.value}</p>{_img_tag(self.image.value)}")
 
-# %% ../nbs/11_explore.ipynb #cee43e8a
+# %% ../nbs/11_explore.ipynb #b70349fa
 UNRELIABLE_COLOUR = 'darkorange'
 
 def mark_unreliable(fig):
@@ -303,9 +304,9 @@ class ResultsExplorer(_Explorer):
         self.branch = widgets.Dropdown(options=sorted(set(self.data.per_attribute.branch)), value=branch, description='branch')
         self.metric = widgets.Dropdown(options=[(METRIC_LABELS[m], m) for m in ('accuracy', 'balanced_accuracy', 'f1')],
                                        value=metric, description='plot')
-        self.plot, self.table_html = widgets.Image(format='png'), widgets.HTML()
+        self.plot, self.table_html = widgets.Image(format='png', layout=FIT_WIDTH), widgets.HTML()
         self.ui = widgets.VBox([widgets.HBox([self.runs, self.attributes, widgets.VBox([self.split, self.branch, self.metric])]),
-                                widgets.HBox([self.plot, self.table_html])])
+                                widgets.HBox([self.plot, self.table_html], layout=widgets.Layout(flex_flow='row wrap'))])
         for control in (self.runs, self.attributes, self.split, self.branch, self.metric): control.observe(self.draw, 'value')
         self.draw()
 

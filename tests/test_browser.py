@@ -87,6 +87,8 @@ def test_jupyterlab_runs_the_explore_notebook_and_the_attention_browser_answers(
     page.goto(lab)
     page.wait_for_selector('.jp-NotebookPanel .jp-Cell', timeout=90_000)
     page.get_by_text('Python 3 (ipykernel) | Idle').wait_for(timeout=90_000)         # the status bar: the kernel is up
+    news = page.locator('.jp-toast-button', has_text='No')                          # JupyterLab's news question, in the way
+    if news.count(): news.first.click()
     page.locator('.lm-MenuBar-item', has_text='Run').first.click()
     page.locator('.lm-Menu-item', has_text='Run All Cells').first.click()
     try: page.wait_for_function(ALL_CELLS_RUN, timeout=240_000)
@@ -99,15 +101,17 @@ def test_jupyterlab_runs_the_explore_notebook_and_the_attention_browser_answers(
     assert len(sizes) >= 3 and all(width > 0 for width in sizes), sizes    # browser, gallery and results pictures drawn
 
     attribute = page.locator('.widget-dropdown', has=page.locator('option', has_text='all 40')).locator('select').first
-    attribute.scroll_into_view_if_needed()
     picture = page.locator('.widget-vbox', has=attribute).locator('.widget-image').first
-    page.screenshot(path=str(screenshots/'lab_attention_browser_all40.png'), full_page=False)
+    attribute.scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)                                                      # JupyterLab redraws what scrolls in
+    page.screenshot(path=str(screenshots/'lab_attention_browser_all40.png'))
     before = picture.get_attribute('src')
     attribute.select_option(label='Smiling')
     page.wait_for_function('([img, old]) => img.src !== old && img.complete && img.naturalWidth > 0',
                            arg=[picture.element_handle(), before], timeout=30_000)
     assert picture.evaluate('img => img.naturalWidth') < sizes[0]          # one large panel instead of the 40-panel grid
-    picture.scroll_into_view_if_needed()
+    attribute.scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)
     page.screenshot(path=str(screenshots/'lab_attention_browser_smiling.png'))
     print(f"screenshots in {screenshots}")
 
