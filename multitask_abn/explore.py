@@ -159,7 +159,7 @@ class _Explorer:
         bundle['text/html'] = self.snapshot()
         return bundle
 
-# %% ../nbs/11_explore.ipynb #73006135
+# %% ../nbs/11_explore.ipynb #81d6b960
 ALL_ATTRIBUTES = 'all 40'
 MAX_LISTED = 300         # file names in the image list at once (type to narrow it)
 LARGE_PANEL = (320, 320)
@@ -232,7 +232,7 @@ class AttentionBrowser(_Explorer):
     def snapshot(self) -> str:
         return (f"<p>Attention browser: run <b>{html.escape(self.run.value)}</b>, split {self.split.value}, image "
                 f"{html.escape(str(self.image_name.value))}, {self.attribute.value}, scale {self.mode.value}</p>"
-                f"<div style='display:flex;gap:1em;align-items:flex-start'>{_img_tag(self.image.value)}<div>{self.info.value}</div></div>")
+                f"<div style='display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start'>{_img_tag(self.image.value)}<div>{self.info.value}</div></div>")
 
 # %% ../nbs/11_explore.ipynb #769e7fdc
 GALLERY_ORDERS = ('error', 'confidence', 'file name')
@@ -272,7 +272,7 @@ class AttributeGallery(_Explorer):
         return (f"<p>Attribute gallery: {marked(self.attribute.value)} on {len(self.explanations)} {self.images.split} images of "
                 f"<b>{html.escape(self.images.run_dir.name)}</b>, sorted by {self.order.value}</p>{_img_tag(self.image.value)}")
 
-# %% ../nbs/11_explore.ipynb #b70349fa
+# %% ../nbs/11_explore.ipynb #f3288fa6
 UNRELIABLE_COLOUR = 'darkorange'
 
 def mark_unreliable(fig):
@@ -332,6 +332,6 @@ class ResultsExplorer(_Explorer):
                                  f"{_table_html(self.table())}{_FOOTNOTE}")
 
     def snapshot(self) -> str:
-        return (f"<p>Results explorer: {', '.join(map(html.escape, self.runs.value))}</p><div style='display:flex;gap:1em;"
+        return (f"<p>Results explorer: {', '.join(map(html.escape, self.runs.value))}</p><div style='display:flex;flex-wrap:wrap;gap:1em;"
                 f"align-items:flex-start'>{_img_tag(self.plot.value, 'png')}<div style='max-height:40em;overflow:auto'>"
                 f"{self.table_html.value}</div></div>")
