@@ -65,15 +65,16 @@ def lab(tmp_path):
     env = {**os.environ, **{name: str(tmp_path/folder) for name, folder in (
         ('JUPYTER_CONFIG_DIR', 'config'), ('JUPYTER_RUNTIME_DIR', 'runtime'), ('JUPYTERLAB_SETTINGS_DIR', 'settings'),
         ('JUPYTERLAB_WORKSPACES_DIR', 'workspaces'))}}
-    server = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--allow-root', '--ServerApp.ip=127.0.0.1',
-                               f'--ServerApp.port={port}', f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}'],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path/'lab.log', 'w'))
-    try:
-        wait_for(f'http://127.0.0.1:{port}/api/status?token={token}')
-        yield f'http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?token={token}'
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with open(tmp_path/'lab.log', 'w') as log:
+        server = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--allow-root', '--ServerApp.ip=127.0.0.1',
+                                   f'--ServerApp.port={port}', f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}'],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for(f'http://127.0.0.1:{port}/api/status?token={token}').close()
+            yield f'http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?token={token}'
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 ALL_CELLS_RUN = """() => {
@@ -129,12 +130,13 @@ def site(tmp_path_factory) -> Path:
 @pytest.fixture(scope='module')
 def served(site):
     "The site over HTTP on a free loopback port."
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
-    handler.log_message = lambda *args: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), functools.partial(Quiet, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{server.server_address[1]}'
     server.shutdown()
+    server.server_close()
 
 
 def test_every_docs_page_loads_with_its_figures_and_no_broken_links(browser, site, served, screenshots):
