@@ -118,7 +118,7 @@ def tidy_outputs(outputs: list) -> list:
         kept.append(out)
     return [nbformat.from_dict({k: v for k, v in out.items() if k != '_widget'}) for out in kept]
 
-# %% ../nbs/12_workbook.ipynb #59dc4c75
+# %% ../nbs/12_workbook.ipynb #905601bc
 def clean_like_nbdev(nb: dict):
     "What `nbdev_clean` does to a notebook, with the project's settings.ini (wherever the notebook is)."
     config = get_config(path=PROJECT)
@@ -146,23 +146,27 @@ def record_notebook(path, out=None, flags=(), timeout: int = 1800, clean: bool =
     scratch = Path(tempfile.gettempdir())/'mtabn-record'/path.stem
     shutil.rmtree(scratch, ignore_errors=True); scratch.mkdir(parents=True)
     env = {**os.environ, 'PYTHONHASHSEED': str(SEED), 'TMPDIR': str(scratch)}
-    with client.setup_kernel(env=env):
-        client.execute_cell(nb.cells[0], 0, store_history=False)
-        count = 0
-        for index, cell in enumerate(nb.cells[1:], 1):
-            if cell.cell_type != 'code': continue
-            reason = skip_reason(cell, flags)
-            if reason:
-                cell.outputs, skipped = [nbformat.v4.new_output('stream', name='stdout', text=reason + '\n')], skipped + 1
-                continue
-            count += 1
-            try: client.execute_cell(cell, index, execution_count=count)
-            except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-                message = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines() or [type(e).__name__]
-                raise MtabnError(f"{path}: cell {index - 1} failed ({message[-1]}); fix it, then record again") from None
-            cell.outputs, run = tidy_outputs(cell.outputs), run + 1
+    try:
+        with client.setup_kernel(env=env):
+            client.execute_cell(nb.cells[0], 0, store_history=False)
+            count = 0
+            for index, cell in enumerate(nb.cells[1:], 1):
+                if cell.cell_type != 'code': continue
+                reason = skip_reason(cell, flags)
+                if reason:
+                    cell.outputs, skipped = [nbformat.v4.new_output('stream', name='stdout', text=reason + '\n')], skipped + 1
+                    continue
+                count += 1
+                try: client.execute_cell(cell, index, execution_count=count)
+                except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+                    message = re.sub(r'\x1b\[[0-9;]*m', '', str(e)).strip().splitlines() or [type(e).__name__]
+                    raise MtabnError(f"{path}: cell {index - 1} failed ({message[-1]}); fix it, then record again") from None
+                cell.outputs, run = tidy_outputs(cell.outputs), run + 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        try: scratch.parent.rmdir()
+        except OSError: pass                # another recording still uses it
     del nb.cells[0]
-    shutil.rmtree(scratch, ignore_errors=True)
     nb.metadata.pop('widgets', None)
     nb = json.loads(nbformat.writes(nb))
     if clean: clean_like_nbdev(nb)
@@ -178,7 +182,7 @@ def record_notebooks(paths=None, flags=(), report=print) -> list[dict]:
                f"({results[-1]['cells_run']} cells run, {results[-1]['cells_skipped']} not run)")
     return results
 
-# %% ../nbs/12_workbook.ipynb #04f6309b
+# %% ../nbs/12_workbook.ipynb #901e325a
 NOTEBOOK_LINK = re.compile(r'\]\((?!https?:)([\w./-]*?)([\w-]+)\.ipynb(#[^)]*)?\)')
 MODULES_SKIPPED = ('_modidx',)
 
@@ -209,8 +213,9 @@ def docs_config(stage: Path, nav: list, site: Path) -> str:
 
 def build_docs(site=None, nbs=None, stage=None) -> Path:
     "The static site of the (recorded) notebooks and the API reference -> `site` (default `_site/`); returns its folder."
-    nbs, site = Path(nbs or PROJECT/'nbs'), Path(site or PROJECT/'_site').resolve()
-    stage = Path(stage or tempfile.mkdtemp(prefix='mtabn_docs_'))
+    if stage is None:                       # the staged copy is removed once the site is built
+        with tempfile.TemporaryDirectory(prefix='mtabn_docs_') as folder: return build_docs(site, nbs, folder)
+    nbs, site, stage = Path(nbs or PROJECT/'nbs'), Path(site or PROJECT/'_site').resolve(), Path(stage)
     docs = stage/'docs'
     (docs/'api').mkdir(parents=True, exist_ok=True)
     if (nbs/'images').is_dir(): subprocess.run(['cp', '-r', str(nbs/'images'), str(docs/'images')], check=True)
