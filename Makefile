@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 DATA ?= data/synth
 RUN ?= runs/demo
 
-.PHONY: install demo explain edit-demo test test-slow gpu-check lab export constraints readme readme-images
+.PHONY: install demo explain edit-demo test test-slow gpu-check lab export constraints readme readme-images record docs browser
 
 install: $(INSTALLED)
 
@@ -57,7 +57,7 @@ edit-demo: install
 
 # Every notebook runs twice: in-process by nbdev_test, and in a real Jupyter kernel as JupyterLab's "Run All" runs
 # it (tests/test_notebooks.py, `#| eval: false` cells included); `#| slow` cells only under test-slow.
-test: install
+test: install browser
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q -n 2 -m "not slow" tests
 
@@ -79,6 +79,27 @@ gpu-check: install
 	$(BIN)/python -m multitask_abn.bench models --model abn_v1_resnet101 --checkpoint $(GPU_CHECK)/run --data $(GPU_CHECK)/synth \
 	  --device cuda --batch 32 --iters 5 --threads 8 | tail -1
 
+# The notebooks saved with their outputs, the lab record a reader sees without running anything: every notebook of nbs/ in
+# order, each in a fresh Jupyter kernel with fixed seeds, outputs tidied (compressed figures, no progress bars, short logs),
+# then nbdev_clean. Builds the demo run first when $(RUN) has none (make demo). `#| slow` cells run with RECORD_FLAGS=slow.
+RECORD_FLAGS ?=
+record: install $(RUN)/eval/test/summary.json
+	$(BIN)/python -m multitask_abn.workbook record $(if $(RECORD_FLAGS),--flags $(RECORD_FLAGS))
+	$(MAKE) readme
+
+$(RUN)/eval/test/summary.json:
+	$(MAKE) demo
+
+# A static site of the (recorded) notebooks and the API reference in _site/ (mkdocs-material + mkdocs-jupyter, offline).
+docs: install
+	$(BIN)/python -m multitask_abn.workbook docs --site _site
+
+# Headless Chromium for the browser tests (tests/test_browser.py): Debian's package, as root; Playwright drives it.
+browser:
+	@command -v chromium > /dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; } \
+	  || echo "chromium could not be installed: the browser tests will be skipped"
+
+
 lab: install
 	$(BIN)/jupyter lab --notebook-dir nbs
 
@@ -93,8 +114,9 @@ constraints:
 	  $(BIN)/pip freeze --exclude-editable | sort -f; } > constraints.txt
 
 # README.md is generated from nbs/index.ipynb.
+# (outputs left out: the README shows the index's code; its recorded figures are on the docs site)
 readme:
-	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN --TemplateExporter.exclude_output=True
 	$(BIN)/python -c "import pathlib; p = pathlib.Path('README.md'); p.write_text(p.read_text().replace('](images/', '](nbs/images/'))"
 
 # The README's pictures (nbs/images/*.png, small and tracked) redrawn from a finished run: make readme-images RUN=runs/x

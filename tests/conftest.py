@@ -10,6 +10,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: longer end-to-end checks, run by `make test-slow`')
     config.addinivalue_line('markers', 'gpu: the CUDA path (skipped without a GPU), run by `make gpu-check`')
+    config.addinivalue_line('markers', 'browser: real-browser checks (headless Chromium; skipped with the reason when none can be installed)')
 
 
 def console_scripts() -> dict[str, str]:
