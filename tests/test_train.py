@@ -267,13 +267,13 @@ def test_tuned_thresholds_and_calibration_end_to_end(console, capsys, tmp_path, 
     assert default['mean_calibration_error'] == pytest.approx(expected.mean(), abs=1e-6) == tuned['mean_calibration_error']
     # predict: the same thresholds decide; the scores are the sigmoid of the logits
     image = CelebADataset(synth, 'test').celeba.root / 'img_align_celeba' / CelebADataset(synth, 'test').filenames[0]
-    table = predict(run, [image], tmp_path / 'predicted', grids=False, thresholds='accuracy')
+    table = predict(run, [image], tmp_path / 'predicted', grids=False, thresholds='accuracy', align=False)
     scores = table[[f'{a}_score' for a in CELEBA_ATTRIBUTES]].to_numpy()[0]
     assert scores == pytest.approx(1 / (1 + np.exp(-logits[0])), abs=1e-4)   # one image per batch here, 16 above
     with torch.no_grad(): own = model(get_transform(config.transform, config.image_size)(load_image(image))[None]).perception[0]
     assert table[list(CELEBA_ATTRIBUTES)].to_numpy()[0].tolist() == (own.double().numpy() >= chosen).astype(int).tolist()
     messages = []
-    predict(run, [image], tmp_path / 'noted', grids=False, report=messages.append)
+    predict(run, [image], tmp_path / 'noted', grids=False, align=False, report=messages.append)
     assert any('trained with pos_weight' in m for m in messages), messages
     for thresholds, decisions in (('accuracy', 'Decisions: per-attribute thresholds tuned for accuracy on the valid split'),
                                   ('default', 'Decisions: `logit >= 0`')):
@@ -332,15 +332,17 @@ def test_ddp_equals_one_process_on_the_same_global_batch(tmp_path, synth, consol
     finishes instead of waiting forever for that rank's metric synchronisation."""
     flags = [*TINY_FLAGS, '--epochs', '1', '--precision', 'fp32', '--set', 'max_train_images=16', '--set', 'max_eval_images=1',
              '--data', synth]
+    env = {**os.environ, 'TMPDIR': str(tmp_path), 'OMP_NUM_THREADS': '1'}   # as torchrun's processes: the same summation order
     result = subprocess.run([Path(sys.executable).parent / 'torchrun', '--standalone', '--nproc_per_node', '2', '--no-python',
                              console.folder / 'mtabn_train', *flags, '--out', tmp_path / 'ddp'],
-                            capture_output=True, text=True, timeout=600, env={**os.environ, 'TMPDIR': str(tmp_path)})
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'Grad strides do not match' not in result.stderr
-    single = console('mtabn_train', *flags, '--out', tmp_path / 'single')
+    single = subprocess.run(console.command('mtabn_train', *flags, '--out', tmp_path / 'single'), capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp, one = final_weights(tmp_path / 'ddp'), final_weights(tmp_path / 'single')
-    for name in one: torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-4, msg=name)   # unsynchronised: 127 of 156 differ
+    for name in one:   # unsynchronised BatchNorm: 127 of 156 tensors differ, by up to 137
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-3, atol=1e-3, msg=lambda message, name=name: f'{name}: {message}')
     (ddp_record,), (one_record,) = epoch_metrics(tmp_path / 'ddp'), epoch_metrics(tmp_path / 'single')
     assert ddp_record['train_loss'] == pytest.approx(one_record['train_loss'], rel=1e-5)
     assert ddp_record['valid_mean_accuracy'] == one_record['valid_mean_accuracy']
