@@ -120,7 +120,7 @@ class AttributeBatchNorm2d(nn.BatchNorm2d):
         if not self.training or (k == 1 and not self.recomputing and not self.synchronised): return super().forward(x)
         n, c, h, w = x.shape
         if self.synchronised or x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            out, batch_mean, batch_var = self._normalise_channels_last(x.view(n // k, k, c, h, w))
+            out, batch_mean, batch_var = self._normalise_where_it_lies(x.view(n // k, k, c, h, w))
         else:
             batch_mean = self.running_mean.new_zeros(k * c)
             batch_var = self.running_var.new_zeros(k * c)
@@ -130,7 +130,7 @@ class AttributeBatchNorm2d(nn.BatchNorm2d):
         if not self.recomputing: self._update_running_statistics(batch_mean.view(k, c), batch_var.view(k, c))
         return out.reshape(n, c, h, w)
 
-    def _normalise_channels_last(self, stack):
+    def _normalise_where_it_lies(self, stack):
         """The same normalisation of a stack (B x k x C x H x W view), computed where it lies: a channels-last stack has
         no (k*C)-channel view for `batch_norm` (reshaping to one copies it back to NCHW at every BatchNorm), and a
         synchronised one needs its sums over all processes (differentiable all_reduce: gradients flow to every process)."""
