@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 DATA ?= data/synth
 RUN ?= runs/demo
 
-.PHONY: install demo explain edit-demo test test-slow gpu-check lab export constraints readme readme-images record docs browser
+.PHONY: install demo explain edit-demo bench test test-slow gpu-check lab export constraints readme readme-images record docs browser
 
 install: $(INSTALLED)
 
@@ -64,6 +64,15 @@ test: install browser
 test-slow: install
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
 	$(BIN)/pytest -q -n 2 tests
+
+# The CPU benchmarks, kept in $(BENCH) for 08_bench's record: layer4's convolutions in bf16 (oneDNN vs matrix products),
+# then every execution mode of ABN-v1 ResNet-101 (batch 8, 224 px) against the float32 loop, with the decisions check on
+# the demo run (built first when $(RUN) has none). About 10 minutes on two cores.
+BENCH ?= runs/bench
+bench: install $(RUN)/eval/test/summary.json
+	$(BIN)/python -m multitask_abn.bench convolutions --out $(BENCH)
+	$(BIN)/python -m multitask_abn.bench models --model abn_v1_resnet101 --batch 8 --size 224 --checkpoint $(RUN) \
+	  --data $(DATA) --out $(BENCH)
 
 # The CUDA path on a GPU machine (<= 5 minutes on one modern GPU): the `gpu` tests (training, resume, evaluation, explain,
 # predict on CUDA against the CPU), then a short demo-recipe run and the benchmark of ABN-v1 ResNet-101 on the GPU, whose

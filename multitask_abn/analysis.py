@@ -35,13 +35,13 @@ from .models import atomic_write
 __all__ = ['PER_ATTRIBUTE_COLUMNS', 'ATTRIBUTE_METRICS', 'SYNTH_MARKERS', 'CELEBA_TEST_IMAGES', 'METRIC_LABELS', 'CURVE_PANELS',
            'CURVE_LABELS', 'PUBLISHED_RESULTS', 'SWEEP_PATH_PARAMETERS', 'IMAGE_SUFFIXES', 'REPORT_CSS',
            'DISPLAY_NAMES', 'EXPLANATION_TABLE', 'GRID_LEGEND', 'EXPLANATION_TABLE_LEGEND', 'CALIBRATION_LEGEND',
-           'README_IMAGE_BYTES', 'README_IMAGES', 'find_runs', 'data_kind', 'read_config', 'read_epochs', 'eval_folder',
-           'read_eval', 'read_summary', 'Runs', 'load_runs', 'majority_class_says_yes', 'majority_baseline',
-           'select_attributes', 'plot_attribute_metric', 'plot_run_comparison', 'plot_run_delta', 'plot_branches',
-           'plot_training_curves', 'real_celeba_test_results', 'plot_published_comparison', 'parse_grid',
-           'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep', 'varying_config', 'config_table',
-           'headline_table', 'per_attribute_table', 'find_explain_outputs', 'write_report', 'figure_image', 'small_png',
-           'first_attention_grid', 'write_readme_images']
+           'README_IMAGE_BYTES', 'README_IMAGES', 'find_runs', 'data_kind', 'read_json', 'read_config', 'read_epochs',
+           'eval_folder', 'read_eval', 'read_summary', 'Runs', 'load_runs', 'majority_class_says_yes',
+           'majority_baseline', 'select_attributes', 'plot_attribute_metric', 'plot_run_comparison', 'plot_run_delta',
+           'plot_branches', 'plot_training_curves', 'real_celeba_test_results', 'plot_published_comparison',
+           'parse_grid', 'parse_params', 'point_name', 'is_finished', 'Sweep', 'run_sweep', 'varying_config',
+           'config_table', 'headline_table', 'per_attribute_table', 'find_explain_outputs', 'write_report',
+           'figure_image', 'small_png', 'first_attention_grid', 'write_readme_images']
 
 # %% ../nbs/06_analysis.ipynb #2dd27087
 PER_ATTRIBUTE_COLUMNS = ('attribute', 'branch', 'accuracy', 'balanced_accuracy', 'precision', 'recall', 'f1',
@@ -87,7 +87,8 @@ def _unique_names(paths: list[Path]) -> list[str]:
         depths = [d + (n in shared and d < len(p.parts)) for p, d, n in zip(paths, depths, names)]
 
 # %% ../nbs/06_analysis.ipynb #b27bca8c
-def _read_json(path: Path):
+def read_json(path: Path):
+    "The JSON in `path`; a malformed file is a one-line `MtabnError` naming it."
     try: return json.loads(path.read_text())
     except ValueError as e: raise MtabnError(f"{path}: not valid JSON ({e}); rewrite or delete the file") from None
 
@@ -95,7 +96,7 @@ def read_config(run_dir) -> dict:
     "The run's `config.json` as a dict (`MtabnError` if it is missing or malformed)."
     path = Path(run_dir) / 'config.json'
     if not path.is_file(): raise MtabnError(f"{path}: missing; is {run_dir} a run folder (written by mtabn_train)?")
-    config = _read_json(path)
+    config = read_json(path)
     if not isinstance(config, dict): raise MtabnError(f"{path}: expected a JSON object of training settings")
     return config
 
@@ -142,7 +143,7 @@ def read_summary(path) -> dict:
     "The scalar fields of an eval `summary.json` (the nested `per_attribute` dict is in the CSV too)."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: missing (evaluation not run or not finished)")
-    summary = _read_json(path)
+    summary = read_json(path)
     if not isinstance(summary, dict): raise MtabnError(f"{path}: expected a JSON object")
     return {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
 
@@ -436,7 +437,7 @@ def parse_grid(grid) -> list[dict]:
     if isinstance(grid, Path) or (isinstance(grid, str) and not grid.lstrip().startswith(('{', '['))):
         path = Path(grid)
         if not path.is_file(): raise MtabnError(f"grid {grid!r}: neither a JSON file nor inline JSON like '{{\"model\": [\"a\", \"b\"]}}'")
-        grid = _read_json(path)
+        grid = read_json(path)
     elif isinstance(grid, str):
         try: grid = json.loads(grid)
         except json.JSONDecodeError as e: raise MtabnError(f"grid: invalid JSON ({e})") from None

@@ -8,16 +8,21 @@ import argparse, copy, ctypes, gc, json, math, re, sys, time
 from pathlib import Path
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from .data import MtabnError
-from .models import attribute_logits, create_model, load_model, optimize_for_inference, saved_config
+from .models import (attribute_logits, atomic_write, create_model, gemm_conv2d, load_model,
+                                  optimize_for_inference, saved_config)
 from .losses import make_loss
+from .analysis import read_json
 from .train import machine_description, resolve_device, synchronize
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'subcommand', 'main', 'time_round_robin', 'step_peak_memory_mb',
-           'eval_modes', 'train_modes', 'benchmark_modes', 'decisions_equal', 'test_batches', 'run_models_benchmark',
-           'models_command', 'loader_images_per_s', 'run_loader_benchmark', 'loader_command']
+__all__ = ['SUBCOMMANDS', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'LAYER4_CONVOLUTIONS', 'BENCHMARK_TARGETS', 'subcommand',
+           'main', 'time_round_robin', 'step_peak_memory_mb', 'eval_modes', 'train_modes', 'benchmark_modes',
+           'decisions_equal', 'test_batches', 'run_models_benchmark', 'models_command', 'loader_images_per_s',
+           'run_loader_benchmark', 'loader_command', 'convolution_paths', 'run_convolutions_benchmark',
+           'convolutions_command', 'read_benchmark', 'against_targets']
 
 # %% ../nbs/08_bench.ipynb #cc2ce0b8
 SUBCOMMANDS: dict = {}
@@ -99,9 +104,10 @@ def train_modes(k: int | str = 'auto') -> dict:
     return {'loop fp32': dict(perception='loop', linear_shortcut=False),
             f'chunked({k})': dict(perception='chunked', attributes_per_pass=k, linear_shortcut=False),
             '+shortcut': dict(perception='chunked', attributes_per_pass=k, linear_shortcut=True),
-            '+bf16': dict(perception='chunked', attributes_per_pass=k, linear_shortcut=True, bf16=True),
+            '+bf16': dict(perception='chunked', attributes_per_pass=k, linear_shortcut=True, bf16=True, gemm_convs=False),
+            '+gemm_convs': dict(perception='chunked', attributes_per_pass=k, linear_shortcut=True, bf16=True, gemm_convs='auto'),
             '+checkpoint_trunk': dict(perception='chunked', attributes_per_pass=k, linear_shortcut=True, bf16=True,
-                                      checkpoint_trunk=True)}
+                                      gemm_convs='auto', checkpoint_trunk=True)}
 
 def _train_step(model, optimizer, loss_fn, x, targets):
     loss = loss_fn(model(x), targets)[0]
@@ -227,10 +233,17 @@ def run_models_benchmark(args):
         summary.update(decisions_equal=decisions_equal(reference, candidate, images), decision_mode=mode,
                        decision_model=trained.spec['name'], decision_size=decision_size,
                        decision_images=sum(len(x) for x in images))
+    _print_and_keep(table, summary, args.out, 'models')
+    return summary
+
+def _print_and_keep(table: pd.DataFrame, summary: dict, out, name: str):
+    "Print a benchmark's table and JSON line; with `out`, also write them to OUT/NAME.csv and OUT/NAME.json (the lab record)."
     with pd.option_context('display.width', 200, 'display.float_format', '{:.3g}'.format):
         print(table.to_string(index=False))
     print(json.dumps(summary))
-    return summary
+    if out is not None:
+        atomic_write(Path(out)/f'{name}.csv', table.to_csv(index=False))
+        atomic_write(Path(out)/f'{name}.json', json.dumps(summary, indent=1) + '\n')
 
 @subcommand('models', 'Speed (eval/train images/s), peak memory and GFLOP/image of every execution mode of one model')
 def models_command(parser):
@@ -250,6 +263,7 @@ def models_command(parser):
     parser.add_argument('--kind', choices=('both', 'eval', 'train'), default='both', help='which modes to measure')
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile mode')
     parser.add_argument('--no-memory', action='store_true', help='skip peak-memory measurements')
+    parser.add_argument('--out', help='folder to keep the table and JSON line in (models.csv, models.json)')
     parser.set_defaults(run=run_models_benchmark)
 
 # %% ../nbs/08_bench.ipynb #d541fc89
@@ -286,6 +300,77 @@ def loader_command(parser):
     parser.add_argument('--transform', default='fukui2019', help='transform preset (its training augmentation)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads of the main process')
     parser.set_defaults(run=run_loader_benchmark)
+
+# %% ../nbs/08_bench.ipynb #296486d2
+# layer4's 3x3 convolutions on the stack of 40 attributes x 32 images: (maps, in channels, size, out channels, stride)
+LAYER4_CONVOLUTIONS = {'80 px conv1': (1280, 256, 5, 512, 2), '80 px conv2': (1280, 512, 3, 512, 1),
+                       '161 px conv1': (1280, 256, 11, 512, 2), '161 px conv2': (1280, 512, 6, 512, 1)}
+
+def convolution_paths(shapes: dict = LAYER4_CONVOLUTIONS, dtype=torch.bfloat16, iters: int = 3) -> pd.DataFrame:
+    "Milliseconds of oneDNN's convolution (forward, input and weight gradients) and of `gemm_conv2d` per shape, on the CPU."
+    rows = []
+    for name, (maps, channels, size, out_channels, stride) in shapes.items():
+        x = torch.randn(maps, channels, size, size, dtype=dtype)
+        weight = torch.randn(out_channels, channels, 3, 3, dtype=dtype) * 0.01
+        grad = torch.randn_like(F.conv2d(x, weight, None, stride, 1))
+        columns = torch.randn(grad.numel() // out_channels, channels * 9, dtype=dtype)
+        def backward(input_grad, weight_grad):
+            return lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, [stride] * 2, [1, 1], [1, 1], False,
+                                                               [0, 0], 1, [input_grad, weight_grad, False])
+        x_leaf, weight_leaf = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        def gemm_step():
+            x_leaf.grad = weight_leaf.grad = None
+            gemm_conv2d(x_leaf, weight_leaf, (stride, stride), (1, 1)).backward(grad)
+        with torch.no_grad():
+            times = time_round_robin({'forward': lambda: F.conv2d(x, weight, None, stride, 1),
+                                      'input_grad': backward(True, False), 'weight_grad': backward(False, True),
+                                      'matmul': lambda: columns @ weight.view(out_channels, -1).t()}, iters)
+        times['gemm'] = time_round_robin({'gemm': gemm_step}, iters)['gemm']
+        onednn = times['forward'] + times['input_grad'] + times['weight_grad']
+        rows.append(dict(convolution=name, input=f'{maps}x{channels}x{size}x{size}', stride=stride,
+                         onednn_forward_ms=1e3 * times['forward'], onednn_input_grad_ms=1e3 * times['input_grad'],
+                         onednn_weight_grad_ms=1e3 * times['weight_grad'], onednn_total_ms=1e3 * onednn,
+                         gemm_total_ms=1e3 * times['gemm'], gemm_speedup=onednn / times['gemm'],
+                         matmul_ms=1e3 * times['matmul'], matmul_gflop_per_s=2 * columns.numel() * out_channels / times['matmul'] / 1e9))
+    return pd.DataFrame(rows)
+
+def run_convolutions_benchmark(args):
+    "The `convolutions` subcommand: the table and one JSON line (per shape: gemm speed-up over oneDNN)."
+    torch.set_num_threads(args.threads)
+    dtype = {'bf16': torch.bfloat16, 'fp32': torch.float32}[args.dtype]
+    table = convolution_paths(dtype=dtype, iters=args.iters)
+    summary = dict(dtype=args.dtype, threads=args.threads, machine=machine_description(),
+                   gemm_speedup={row.convolution: _rounded(row.gemm_speedup) for row in table.itertuples()})
+    _print_and_keep(table, summary, args.out, f'convolutions_{args.dtype}')
+    return summary
+
+@subcommand('convolutions', "oneDNN's convolution forward/backward vs the same as matrix products, for layer4's shapes")
+def convolutions_command(parser):
+    parser.add_argument('--dtype', choices=('bf16', 'fp32'), default='bf16')
+    parser.add_argument('--iters', type=int, default=3, help='timed calls per path (after one warm-up)')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--out', help='folder to keep the table and JSON line in (convolutions_DTYPE.csv/.json)')
+    parser.set_defaults(run=run_convolutions_benchmark)
+
+# %% ../nbs/08_bench.ipynb #1e45c57e
+def read_benchmark(folder, name: str) -> tuple[pd.DataFrame, dict]:
+    "A benchmark kept with `--out FOLDER`: its table (FOLDER/NAME.csv) and its JSON line (FOLDER/NAME.json)."
+    folder = Path(folder)
+    for path in (folder/f'{name}.csv', folder/f'{name}.json'):
+        if not path.is_file(): raise MtabnError(f"{path}: missing; run `make bench` (or the benchmark with --out {folder})")
+    return pd.read_csv(folder/f'{name}.csv'), read_json(folder/f'{name}.json')
+
+BENCHMARK_TARGETS = {'eval_speedup': ('>=', 3.5), 'train_speedup': ('>=', 2.5),
+                     'train_peak_memory_ratio': ('<=', 0.6), 'decisions_equal': ('>=', 0.995)}
+
+def against_targets(summary: dict, targets: dict = BENCHMARK_TARGETS) -> pd.DataFrame:
+    "The `models` JSON line's headline ratios beside their targets (met: None where not measured)."
+    rows = []
+    for name, (sense, target) in targets.items():
+        value = summary.get(name)
+        met = None if value is None else (value >= target if sense == '>=' else value <= target)
+        rows.append(dict(figure=name, measured=value, target=f'{sense} {target}', met=met))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/08_bench.ipynb #de31779e
 # Only `python -m multitask_abn.bench` runs the command line. A Jupyter kernel runs this notebook as `__main__`

@@ -9,13 +9,13 @@ from __future__ import annotations
 __all__ = ['CELEBA_ATTRIBUTES', 'NUM_ATTRIBUTES', 'CELEBA_MEAN', 'CELEBA_STD', 'CELEBA_TRAIN_FREQUENCIES',
            'CELEBA_TEST_MAJORITY_ACCURACY', 'ATTRIBUTE_FILE', 'PARTITION_FILE', 'LANDMARK_FILE', 'BBOX_FILE',
            'IMAGE_DIR', 'LANDMARK_COLUMNS', 'BBOX_COLUMNS', 'SPLITS', 'CELEBA_LAYOUTS', 'ALIGNED_SIZE',
-           'CELEBA_ALIGNED_TEMPLATE', 'PRESET_NORMALIZATION', 'JPEG_START', 'JPEG_END', 'HQ_MASK_DIR',
+           'CELEBA_ALIGNED_TEMPLATE', 'PRESET_NORMALIZATION', 'CACHE_DIR', 'JPEG_START', 'JPEG_END', 'HQ_MASK_DIR',
            'HQ_MASKS_PER_FOLDER', 'CELEBAMASK_HQ_CLASSES', 'HQ_MAPPING_COLUMNS', 'CELEBA_SPLIT_RANGES', 'MtabnError',
            'find_celeba_root', 'celeba_layout', 'write_celeba_annotations', 'read_attributes', 'read_partition',
            'read_landmarks', 'read_bboxes', 'similarity_transform', 'transform_points', 'align_face', 'CelebA',
-           'load_image', 'get_transform', 'denormalize', 'CelebADataset', 'positive_frequency', 'pos_weight',
-           'mean_std', 'find_bad_images', 'verify', 'read_hq_mapping', 'hq_partition', 'hq_mask_path', 'load_hq_masks',
-           'missing_hq_masks', 'write_hq_annotations']
+           'load_image', 'get_transform', 'denormalize', 'CelebADataset', 'atomic_write', 'resized_images',
+           'positive_frequency', 'pos_weight', 'mean_std', 'find_bad_images', 'verify', 'read_hq_mapping',
+           'hq_partition', 'hq_mask_path', 'load_hq_masks', 'missing_hq_masks', 'write_hq_annotations']
 
 # %% ../nbs/00_data.ipynb #11ad9386
 CELEBA_ATTRIBUTES = (
@@ -50,9 +50,11 @@ class MtabnError(Exception):
     "A problem with the user's input: the message is one line naming the file/line/parameter and the fix."
 
 # %% ../nbs/00_data.ipynb #a4cf81b0
+import hashlib
 import io
 import os
 import re
+import secrets
 import sys
 import warnings
 from functools import cached_property
@@ -431,7 +433,7 @@ def denormalize(images: torch.Tensor, preset: str) -> torch.Tensor:
 class CelebADataset(Dataset):
     "CelebA (or SynthCelebA) images of one split with their 40 labels."
     def __init__(self, root, split: str = 'train', transform=None, return_landmarks: bool = False,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, cache_size: int | None = None, progress: bool = False):
         self.celeba = root if isinstance(root, CelebA) else CelebA(root)
         self.split, self.transform = split, transform or get_transform('eval')
         self.return_landmarks, self.skip_bad_images = return_landmarks, skip_bad_images
@@ -445,12 +447,17 @@ class CelebADataset(Dataset):
         self.landmarks = (torch.tensor(self.celeba.landmarks.loc[self.filenames].to_numpy(np.float32))
                           if return_landmarks else None)
         self.bad_images: list[str] = []
+        if cache_size is not None and skip_bad_images:
+            raise MtabnError("cache_size and skip_bad_images together: a cache holds every image; run mtabn_verify "
+                             f"{self.celeba.root} --check-images and replace the bad ones, or leave the cache off")
+        self.cached = None if cache_size is None else resized_images(self, cache_size, progress)
 
     def __len__(self): return len(self.filenames)
 
     def image_path(self, index: int) -> Path: return self.celeba.image_dir/self.filenames[index]
 
     def _load(self, index: int):
+        if self.cached is not None: return index, Image.fromarray(self.cached[index])
         for offset in range(len(self)):
             i = (index + offset) % len(self)
             try: return i, self.celeba.load(self.filenames[i])
@@ -465,6 +472,66 @@ class CelebADataset(Dataset):
         i, image = self._load(index)
         sample = (self.transform(image), self.labels[i])
         return sample + (self.landmarks[i],) if self.return_landmarks else sample
+
+# %% ../nbs/00_data.ipynb #75a41cd9
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def atomic_write(path, content) -> Path:
+    """The one writer of run files: create `path` from `content` (text, bytes, or a function that writes the
+    temporary path it is given) through a temporary file in the same folder, fsync and a rename. Readers never
+    see half a file, a crash or a power cut leaves the old file or the new one, concurrent writers never share
+    a temporary file, and the file gets the umask's permissions like any other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
+    # O_EXCL: never another writer's file; mode 0o666 less the umask (mkstemp would make it 0o600, owner only).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        if isinstance(content, str): tmp.write_text(content)
+        elif isinstance(content, bytes): tmp.write_bytes(content)
+        else: content(tmp)
+        _fsync(tmp)                 # the data reaches the disk before the rename makes it the file
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    _fsync(path.parent)             # and the rename itself survives a power cut
+    return path
+
+CACHE_DIR = '.mtabn_cache'     # inside the data folder: what is computed once per dataset (resized images, fitted priors)
+
+def _images_key(dataset, size: int) -> str:
+    "What a cache of `dataset`'s images at `size` depends on: layout, split, size and each file's name, size and time."
+    celeba = dataset.celeba
+    files = [celeba.image_dir/name for name in dataset.filenames]
+    if celeba.layout == 'wild': files.append(celeba.root/celeba.files['landmarks'])   # it places the aligned crops
+    digest = hashlib.sha256(repr((celeba.layout, dataset.split, size)).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f'{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
+    return digest.hexdigest()[:16]
+
+def resized_images(dataset, size: int, progress: bool = False) -> np.ndarray:
+    """N x size x size x 3 uint8 pixels of every image of `dataset`, decoded and resized as `transforms.Resize((size, size))`
+    does; built once (a progress bar) and kept in ROOT/.mtabn_cache/, memory-mapped (in memory in a read-only folder)."""
+    path = dataset.celeba.root/CACHE_DIR/f'images_{dataset.split}_{size}_{_images_key(dataset, size)}.npy'
+    shape = (len(dataset), size, size, 3)
+    if path.is_file():
+        try:
+            cached = np.load(path, mmap_mode='r')
+            if cached.shape == shape and cached.dtype == np.uint8: return cached
+        except (ValueError, OSError): pass                 # unreadable: built again below
+    resize = transforms.Resize((size, size))
+    images = np.empty(shape, np.uint8)
+    for i in tqdm(range(len(dataset)), desc=f'caching {dataset.split} images at {size} px', disable=not progress):
+        images[i] = np.asarray(resize(dataset.celeba.load(dataset.filenames[i])))
+    def write(tmp):                                        # a file object: given a name, numpy would append .npy
+        with open(tmp, 'wb') as f: np.save(f, images)
+    try: atomic_write(path, write)
+    except OSError: return images                          # a read-only data folder: kept in memory this time
+    return np.load(path, mmap_mode='r')
 
 # %% ../nbs/00_data.ipynb #8464f66f
 def _labels_of(labels_or_dataset) -> torch.Tensor:

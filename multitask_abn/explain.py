@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .data import (CELEBA_ATTRIBUTES, CELEBA_LAYOUTS, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
+from .data import (CACHE_DIR, CELEBA_ATTRIBUTES, CELEBA_LAYOUTS, NUM_ATTRIBUTES, PRESET_NORMALIZATION, CelebADataset, MtabnError,
                                 load_hq_masks,
                                 denormalize, get_transform, load_image)
 from PIL import Image
@@ -36,18 +36,18 @@ from .synth import (ATTRIBUTE_PARTS, JPEG_QUALITY, PART_DIR, attribute_mask, loa
 # %% auto #0
 __all__ = ['SCALE_MODES', 'MIN_PANEL', 'IMAGE_WEIGHT', 'MAP_WEIGHT', 'GRID_MARGIN', 'WRONG', 'RIGHT', 'POINTING_TOLERANCE',
            'LANDMARK_REGIONS', 'LANDMARK_ATTRIBUTE_REGIONS', 'CAM_CLASSES', 'SALIENCY_METHODS', 'GROUND_TRUTHS',
-           'MASK_ATTRIBUTE_PARTS', 'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CACHE_DIR', 'CHANGE_THRESHOLD',
-           'NO_COUNTERFACTUAL', 'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION',
-           'MEAN_ROWS', 'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS',
-           'IMAGE_SUFFIXES', 'DETECTION_COLUMNS', 'SCORE_SUFFIX', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy',
-           'scale_maps', 'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size',
-           'attention_panels', 'sigmoid', 'Explanation', 'grid_origins', 'PanelGrid', 'save_image', 'attention_grid',
-           'attribute_grid', 'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling',
-           'energy_share', 'blurred', 'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks',
-           'landmark_attribute_masks', 'transform_preset', 'images_to_uint8', 'evaluating', 'model_device',
-           'eval_output', 'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer',
-           'attention_saliency', 'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map',
-           'fit_prior', 'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
+           'MASK_ATTRIBUTE_PARTS', 'BASELINE_METHODS', 'EXPLANATION_METHODS', 'CHANGE_THRESHOLD', 'NO_COUNTERFACTUAL',
+           'ROAD_PERCENTILES', 'EXPLANATION_METRICS', 'RECORD_COLUMNS', 'LOCALISED_FRACTION', 'MEAN_ROWS',
+           'INTERVAL_METRICS', 'MARGIN_METRICS', 'MARGIN_BASELINE', 'TABLE_METRICS', 'PLOT_METRICS', 'IMAGE_SUFFIXES',
+           'DETECTION_COLUMNS', 'SCORE_SUFFIX', 'VIEW_ATTRIBUTES', 'CAM_COMPARISONS', 'as_numpy', 'scale_maps',
+           'feature_stride', 'cell_weights', 'resize_maps', 'jet_overlay', 'panel_size', 'attention_panels', 'sigmoid',
+           'Explanation', 'grid_origins', 'PanelGrid', 'save_image', 'attention_grid', 'attribute_grid',
+           'benchmark_renderers', 'peak_location', 'dilate', 'pointing_game', 'pointing_ceiling', 'energy_share',
+           'blurred', 'deletion_insertion_curves', 'curve_auc', 'landmark_region_masks', 'landmark_attribute_masks',
+           'transform_preset', 'images_to_uint8', 'evaluating', 'model_device', 'eval_output',
+           'explanations_from_output', 'explain_images', 'DecisionLogits', 'cam_layer', 'attention_saliency',
+           'gradcam_saliency', 'paired_saliency', 'resize_mask', 'AttributeRegions', 'centre_map', 'fit_prior',
+           'attribute_prior', 'baseline_saliency', 'Counterfactuals', 'attention_response', 'road_drop',
            'explanation_records', 'summarize_explanations', 'explanation_table', 'plot_explanation_metrics',
            'compare_explanations', 'iter_explanations', 'save_attention_grids', 'image_files', 'predict', 'explain_run']
 
@@ -413,9 +413,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     "Where `model`'s weights are (a model without any, such as a test stand-in, runs on the CPU)."
     return next(model.parameters(), torch.empty(0)).device
 
-def eval_output(model: torch.nn.Module, images: torch.Tensor):
-    "`model`'s output for a CPU batch `images`, in eval mode without gradients, computed on the model's device."
-    with evaluating(model): return model(images.to(model_device(model)))
+def eval_output(model: torch.nn.Module, images: torch.Tensor, attributes: list[int] | None = None):
+    """`model`'s output for a CPU batch `images`, in eval mode without gradients, computed on the model's device
+    (`attributes`: the perception logits of those attributes only, see `02_models`)."""
+    with evaluating(model):
+        images = images.to(model_device(model))
+        return model(images) if attributes is None else model(images, attributes=attributes)
 
 def explanations_from_output(images: torch.Tensor, output, preset: str, labels=None, names=None) -> list[Explanation]:
     "`Explanation`s (numpy copies) from model inputs and their `ABNOutput`."
@@ -436,11 +439,13 @@ def explain_images(model, images: torch.Tensor, preset: str, labels=None, names=
 
 # %% ../nbs/05_explain.ipynb #c6c64f4b
 class DecisionLogits(torch.nn.Module):
-    "A model whose forward returns B x T decision logits instead of `ABNOutput` (what Grad-CAM needs)."
-    def __init__(self, model: torch.nn.Module):
+    "A model whose forward returns B x T decision logits instead of `ABNOutput` (what Grad-CAM needs); of `attributes` only if given."
+    def __init__(self, model: torch.nn.Module, attributes: list[int] | None = None):
         super().__init__()
-        self.model = model
-    def forward(self, x): return attribute_logits(self.model(x).perception)
+        self.model, self.attributes = model, attributes
+    def forward(self, x):
+        output = self.model(x) if self.attributes is None else self.model(x, attributes=self.attributes)
+        return attribute_logits(output.perception)
 
 def cam_layer(model: torch.nn.Module, target_layer='layer4') -> torch.nn.Module:
     """Grad-CAM's layer: a module, or a ResNet stage name ('layer3', 'layer4': its last block; layer4 is the usual choice).
@@ -573,7 +578,6 @@ class AttributeRegions:
 # %% ../nbs/05_explain.ipynb #c07ff9dc
 BASELINE_METHODS = ('prior', 'centre', 'uniform')   # maps that ignore the image: what an explanation has to beat
 EXPLANATION_METHODS = (*SALIENCY_METHODS, *BASELINE_METHODS)
-CACHE_DIR = '.mtabn_cache'                           # inside the data folder: what is fitted once per dataset
 
 def centre_map(size: tuple[int, int]) -> np.ndarray:
     "The `centre` baseline (H x W): one peak at the image centre, falling linearly to 0 at the corners."
@@ -699,14 +703,17 @@ def road_drop(model, t: int, image: torch.Tensor, saliency, percentiles=ROAD_PER
     model.eval()
     try:
         with torch.no_grad():
-            drops = [-float(ROADMostRelevantFirst(p)(image[None].to(model_device(model)), as_numpy(saliency)[None], [_Probability(t)], DecisionLogits(model))[0])
+            # the model computes attribute t alone (its column 0): ROAD needs nothing else
+            drops = [-float(ROADMostRelevantFirst(p)(image[None].to(model_device(model)), as_numpy(saliency)[None], [_Probability(0)],
+                                                     DecisionLogits(model, [t]))[0])
                      for p in percentiles]
     finally: model.train(was_training)
     return float(np.mean(drops))
 
 def _attribute_probability(model, t: int):
+    "Attribute `t`'s probability for a batch, the model computing that attribute alone (deletion curves need no other)."
     def probability(batch):
-        return attribute_probabilities(eval_output(model, batch).perception)[:, t]
+        return attribute_probabilities(eval_output(model, batch, [t]).perception)[:, 0]
     return probability
 
 def _saliency(method: str, model, images: torch.Tensor, attributes: list[int], output, target_layer, prior):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #a4c3bd71
 from __future__ import annotations
-import contextlib, copy, hashlib, json, os, pickle, re, secrets
+import contextlib, copy, hashlib, json, math, os, pickle, re
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -16,19 +16,20 @@ from torchvision.models.resnet import ResNet, BasicBlock, Bottleneck
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 import torch.distributed as dist
-from .data import MtabnError, NUM_ATTRIBUTES
+from .data import MtabnError, NUM_ATTRIBUTES, atomic_write
 
 # %% auto #0
 __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTION_DEFAULTS', 'EXACT_EXECUTION', 'STACK_BYTES',
-           'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT', 'THRESHOLDS_FILE',
-           'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS',
+           'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'SMALL_OUTPUT_POSITIONS', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT',
+           'THRESHOLDS_FILE', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS',
            'UNSEEN_PRESET_FIELDS', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
-           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'ABN', 'ResNetBaseline', 'list_models',
-           'resolve_preset', 'create_model', 'forward_with_attention', 'load_checkpoint', 'imagenet_weights_file',
-           'load_imagenet_weights', 'atomic_write', 'save_model', 'checkpoint_file', 'load_model', 'saved_config',
-           'inference_settings', 'thresholds_file', 'file_sha256', 'read_thresholds', 'from_seed_names',
-           'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name', 'save_seed_checkpoint',
-           'execution_differences', 'fold_batchnorm', 'compile_for_inference', 'optimize_for_inference']
+           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'gemm_conv2d', 'GemmConv2d', 'ABN',
+           'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model', 'forward_with_attention',
+           'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'save_model', 'checkpoint_file',
+           'load_model', 'saved_config', 'inference_settings', 'thresholds_file', 'file_sha256', 'read_thresholds',
+           'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name',
+           'save_seed_checkpoint', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
+           'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -173,7 +174,7 @@ def synchronise_batchnorms(model: nn.Module) -> nn.Module:
 
 # %% ../nbs/02_models.ipynb #96fb3dec
 EXECUTION_DEFAULTS = dict(perception='chunked', attributes_per_pass='auto', linear_shortcut=True,
-                          checkpoint_trunk=False, bf16=False, channels_last=False)
+                          checkpoint_trunk=False, bf16=False, channels_last=False, gemm_convs='auto')
 EXACT_EXECUTION = ('perception', 'attributes_per_pass', 'linear_shortcut', 'checkpoint_trunk')   # kept in model.spec
 STACK_BYTES = 32 * 2**20        # CPU: about a last-level cache, beyond which a bigger stack stops paying
 GPU_STACK_SHARE = 16            # GPU: 1/16 of its memory (all 40 attributes of ResNet-101 at 224 px, batch 64, from 40 GB)
@@ -217,6 +218,94 @@ def _recomputing_batchnorms(model: nn.Module):
     finally:
         for m in norms: m.recomputing = False
 
+# %% ../nbs/02_models.ipynb #0bd9342a
+SMALL_OUTPUT_POSITIONS = 16   # gemm_convs='auto' up to 4x4 outputs: faster at 3x3, on par at 6x6 (08_bench)
+
+def _output_size(x_shape, kernel, stride, padding) -> tuple[int, int]:
+    return tuple((x_shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
+
+def _tap_windows(padded, kernel, stride, out_size) -> list:
+    "One strided window of a zero-padded channels-last map (B x H' x W' x C) per kernel tap, each B x Ho x Wo x C."
+    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_size
+    return [padded[:, dy:dy + (ho - 1) * sh + 1:sh, dx:dx + (wo - 1) * sw + 1:sw] for dy in range(kh) for dx in range(kw)]
+
+def _columns(x, kernel, stride, padding, out_size):
+    "im2col in channels-last order: (B*Ho*Wo) x (kh*kw*C)."
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    return torch.stack(_tap_windows(padded, kernel, stride, out_size), 3).reshape(-1, kernel[0] * kernel[1] * x.shape[1])
+
+def _weight_rows(weight): return weight.permute(0, 2, 3, 1).reshape(len(weight), -1)   # Co x (kh*kw*C), the columns' order
+
+def _as_image(rows, batch: int, out_size, channels_last: bool):
+    image = rows.view(batch, *out_size, -1).permute(0, 3, 1, 2)          # a channels-last view
+    return image if channels_last else image.contiguous()
+
+def _is_channels_last(x) -> bool: return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+class _GemmConvolution(torch.autograd.Function):
+    "A convolution (no bias) as one matrix product; backward: two products and a col2im (a sum of the taps' windows)."
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding):
+        out_size = _output_size(x.shape, weight.shape[2:], stride, padding)
+        columns, rows = _columns(x, weight.shape[2:], stride, padding, out_size), _weight_rows(weight)
+        ctx.save_for_backward(columns, rows)
+        ctx.geometry = x.shape, weight.shape, stride, padding, out_size, _is_channels_last(weight)
+        return _as_image(columns @ rows.t(), len(x), out_size, _is_channels_last(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        columns, rows = ctx.saved_tensors
+        (n, c, h, w), (co, _, kh, kw), stride, (ph, pw), out_size, weight_channels_last = ctx.geometry
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, co)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:          # in the weight's own layout: DDP's buckets expect it
+            grad_weight = (grad_rows.t() @ columns).view(co, kh, kw, c).permute(0, 3, 1, 2)
+            if not weight_channels_last: grad_weight = grad_weight.contiguous()
+        if ctx.needs_input_grad[0]:
+            grad_columns = (grad_rows @ rows).view(n, *out_size, kh * kw, c)
+            grad_padded = grad.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
+            for tap, window in enumerate(_tap_windows(grad_padded, (kh, kw), stride, out_size)):
+                window += grad_columns[:, :, :, tap]
+            grad_x = grad_padded[:, ph:ph + h, pw:pw + w].permute(0, 3, 1, 2)
+        return grad_x, grad_weight, None, None
+
+def gemm_conv2d(x, weight, stride=(1, 1), padding=(0, 0)):
+    "`F.conv2d(x, weight, None, stride, padding)` as one matrix product (differentiable)."
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _GemmConvolution.apply(x, weight, stride, padding)
+    out_size = _output_size(x.shape, weight.shape[2:], stride, padding)
+    columns = _columns(x, weight.shape[2:], stride, padding, out_size)
+    return _as_image(columns @ _weight_rows(weight).t(), len(x), out_size, _is_channels_last(x))
+
+class GemmConv2d(nn.Conv2d):
+    "`nn.Conv2d` that runs as `gemm_conv2d` where `gemm` says so ('auto': CPU, bfloat16, small outputs)."
+    gemm = 'auto'
+
+    def uses_gemm(self, x) -> bool:
+        if torch.compiler.is_compiling(): return False     # inductor picks its own kernels for a compiled model
+        if self.gemm != 'auto': return self.gemm
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        positions = math.prod(_output_size(x.shape, self.kernel_size, self.stride, self.padding))
+        return device == 'cpu' and dtype == torch.bfloat16 and positions <= SMALL_OUTPUT_POSITIONS
+
+    def _conv_forward(self, x, weight, bias):
+        if not self.uses_gemm(x): return super()._conv_forward(x, weight, bias)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):      # autocast's cast, done here: the product below runs outside it
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(device, enabled=False): out = gemm_conv2d(x, weight, self.stride, self.padding)
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+def _gemm_convolutions(model: nn.Module) -> nn.Module:
+    "Make every convolution of `model` that `gemm_conv2d` can compute a `GemmConv2d` (same parameters, in place)."
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1)
+                and m.padding_mode == 'zeros' and not isinstance(m.padding, str)):
+            m.__class__ = GemmConv2d        # as torch.nn.utils.parametrize does: parameters and hooks stay
+    return model
+
 # %% ../nbs/02_models.ipynb #d7d2a916
 class _ExecutionMixin:
     "Execution options, bf16 autocast and channels-last inputs shared by ABN and the baselines."
@@ -229,15 +318,23 @@ class _ExecutionMixin:
         k = options.get('attributes_per_pass', 1)
         if k != 'auto' and not (isinstance(k, int) and k >= 1):
             raise MtabnError(f"attributes_per_pass={k!r}: use a positive integer or 'auto'")
+        if options.get('gemm_convs', 'auto') not in ('auto', True, False):
+            raise MtabnError(f"gemm_convs={options['gemm_convs']!r}: use 'auto', True or False")
         for name, value in options.items(): setattr(self, name, value)
+        for m in self.modules():
+            if 'gemm_convs' in options and isinstance(m, GemmConv2d): m.gemm = options['gemm_convs']
         if 'channels_last' in options:
             self.to(memory_format=torch.channels_last if options['channels_last'] else torch.contiguous_format)
         return self
 
-    def forward(self, x) -> ABNOutput:
+    def forward(self, x, attributes: list[int] | None = None) -> ABNOutput:
+        """`ABNOutput` of a batch. `attributes` (indices, eval mode): the perception logits of those attributes only, in
+        that order, as the full forward computes them; an ABN's perception branch then runs for them alone."""
+        if attributes is not None and self.training:
+            raise MtabnError("forward(x, attributes=...) is for eval mode: in training every attribute's pass updates the BatchNorm statistics")
         if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
-        if not self.bf16: return self._forward(x)          # (a caller's own autocast stays in force)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16): out = self._forward(x)
+        if not self.bf16: return self._forward(x, attributes)          # (a caller's own autocast stays in force)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16): out = self._forward(x, attributes)
         return ABNOutput(*(o if o is None else o.float() for o in out))
 
     def _stem(self, x): return self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -276,6 +373,7 @@ class ABN(_ExecutionMixin, ResNet):
                            if preset.attention_depthwise else None)
         _init_like_resnet(self.layer4_att, self.att_conv, self.depth_conv)
         self.init_attention_branch(attention_init)
+        _gemm_convolutions(self)
         self.set_execution(**EXECUTION_DEFAULTS)
 
     def init_attention_branch(self, attention_init: str = 'layer4'):
@@ -292,25 +390,27 @@ class ABN(_ExecutionMixin, ResNet):
         maps = torch.sigmoid(raw) if self.preset.attention_activation == 'sigmoid' else raw
         return pooled, maps
 
-    def _forward(self, x) -> ABNOutput:
+    def _forward(self, x, attributes=None) -> ABNOutput:
         features = self.features(x)
         attention, maps = self.attention_branch(features)
         modulation = maps + 1 if self.preset.residual_attention else maps
+        heads = None
+        if attributes is not None: modulation, heads = modulation[:, attributes], [self.output_per[t] for t in attributes]
         perceive = self.perceive_loop if self.perception == 'loop' else self.perceive_chunked
-        return ABNOutput(perceive(features, modulation), attention, maps)
+        return ABNOutput(perceive(features, modulation, heads), attention, maps)
 
     def _head_shape(self, logits):
         return logits.flatten(1) if self.preset.perception_head == 'binary' else logits
 
-    def perceive_loop(self, features, modulation):
-        "The reference order: one shared-layer4 pass and one head per attribute."
-        logits = [self.output_per[t](self.avgpool(self.layer4(features * modulation[:, t:t + 1])).flatten(1))
-                  for t in range(self.num_attributes)]
+    def perceive_loop(self, features, modulation, heads=None):
+        "The reference order: one shared-layer4 pass and one head per map of `modulation` (`heads`: theirs, default all)."
+        heads = heads or self.output_per
+        logits = [head(self.avgpool(self.layer4(features * modulation[:, j:j + 1])).flatten(1)) for j, head in enumerate(heads)]
         return self._head_shape(torch.stack(logits, 1))
 
-    def perceive_chunked(self, features, modulation):
+    def perceive_chunked(self, features, modulation, heads=None):
         "`attributes_per_pass` attributes per layer4 call (per-attribute BatchNorm statistics); same result as the loop."
-        b = features.shape[0]
+        b, heads = features.shape[0], heads or self.output_per
         shortcut = self.linear_shortcut and isinstance(self.layer4[0], Bottleneck)
         if shortcut:
             first = self.layer4[0]
@@ -318,7 +418,7 @@ class ABN(_ExecutionMixin, ResNet):
             projected = _conv_weight_only(first.downsample[0], features)
             stride = first.downsample[0].stride
         pooled, k = [], self._chunk_size(features)
-        for start in range(0, self.num_attributes, k):
+        for start in range(0, len(heads), k):
             m = modulation[:, start:start + k]
             self._set_attributes_per_pass(m.shape[1])
             try:
@@ -332,8 +432,8 @@ class ABN(_ExecutionMixin, ResNet):
             pooled.append(self.avgpool(y).view(b, m.shape[1], -1))
         pooled = torch.cat(pooled, 1)                                           # B x T x C
         # concatenated, not stacked: each head's gradient is then a row-major slice, the layout DDP's buckets expect
-        weight = torch.cat([head.weight for head in self.output_per]).view(self.num_attributes, -1, pooled.shape[-1])  # T x out x C
-        bias = torch.stack([head.bias for head in self.output_per])             # T x out
+        weight = torch.cat([head.weight for head in heads]).view(len(heads), -1, pooled.shape[-1])  # T x out x C
+        bias = torch.stack([head.bias for head in heads])                       # T x out
         return self._head_shape(torch.einsum('btc,toc->bto', pooled, weight) + bias)
 
     def _chunk_size(self, features) -> int:
@@ -360,11 +460,13 @@ class ResNetBaseline(_ExecutionMixin, ResNet):
                          groups=backbone.groups, width_per_group=backbone.width_per_group,
                          norm_layer=AttributeBatchNorm2d)
         self.preset, self.num_attributes = preset, num_attributes
+        _gemm_convolutions(self)
         self.set_execution(**EXECUTION_DEFAULTS)
 
-    def _forward(self, x) -> ABNOutput:
+    def _forward(self, x, attributes=None) -> ABNOutput:
         logits = self.fc(torch.flatten(self.avgpool(self.layer4(self.features(x))), 1))
-        return ABNOutput(logits if self.preset.perception_head == 'binary' else logits.view(len(x), -1, 2), None, None)
+        logits = logits if self.preset.perception_head == 'binary' else logits.view(len(x), -1, 2)
+        return ABNOutput(logits if attributes is None else logits[:, attributes], None, None)
 
 # %% ../nbs/02_models.ipynb #b63f0ecc
 def list_models() -> list[str]:
@@ -491,32 +593,6 @@ def load_imagenet_weights(model: nn.Module, name: str, pretrained='imagenet'):
     model.load_state_dict(state, strict=False)
 
 # %% ../nbs/02_models.ipynb #8509d772
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def atomic_write(path, content) -> Path:
-    """The one writer of run files: create `path` from `content` (text, bytes, or a function that writes the
-    temporary path it is given) through a temporary file in the same folder, fsync and a rename. Readers never
-    see half a file, a crash or a power cut leaves the old file or the new one, concurrent writers never share
-    a temporary file, and the file gets the umask's permissions like any other."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
-    # O_EXCL: never another writer's file; mode 0o666 less the umask (mkstemp would make it 0o600, owner only).
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        if isinstance(content, str): tmp.write_text(content)
-        elif isinstance(content, bytes): tmp.write_bytes(content)
-        else: content(tmp)
-        _fsync(tmp)                 # the data reaches the disk before the rename makes it the file
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    _fsync(path.parent)             # and the rename itself survives a power cut
-    return path
-
 def _atomic_save(obj, path): atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 def save_model(model: nn.Module, path, **extra) -> Path:

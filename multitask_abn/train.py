@@ -70,6 +70,7 @@ class TrainConfig:
     precision_probe: dict | None = None    # what precision='auto' measured and chose (set by the run itself)
     channels_last: bool = False
     workers: int = 0                       # DataLoader worker processes
+    cache_images: bool = False             # decode and resize every image once (`data.resized_images`): small data and sizes
     eval_batch_size: int = 64
     checkpoint_every: int = 0              # also checkpoint every N optimiser steps (0: each epoch only)
     log_every: int = 0                     # read the losses to the host every N steps (0: each step on CPU, 25 on GPUs)
@@ -89,7 +90,7 @@ RECIPES = {
                image_size=224, train_split='train', valid_split='valid', epochs=10, batch_size=8, lr=0.01,
                milestones=[4, 8], workers=4),
     'demo': dict(model='abn_v1_resnet10', transform='eval', image_size=80, epochs=4, batch_size=32, lr=0.05,
-                 milestones=[3], use_pos_weight=True, eval_batch_size=128, seed=0),
+                 milestones=[3], use_pos_weight=True, eval_batch_size=128, seed=0, cache_images=True),
 }
 RECIPES['explain'] = {**RECIPES['demo'], 'image_size': 161, 'epochs': 6, 'milestones': [4]}
 
@@ -134,7 +135,7 @@ CONFIG_CHECKS = (
     ('transform', lambda v: v in PRESET_NORMALIZATION, f"one of {', '.join(PRESET_NORMALIZATION)}"),
     ('model_options', lambda v: isinstance(v, dict), 'a dict of create_model overrides'),
     # `--set NAME=VALUE` reads JSON, so a misspelt true/false would otherwise arrive as a (truthy) string.
-    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress', 'sync_batchnorm', 'deterministic', 'compile')),
+    *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress', 'sync_batchnorm', 'deterministic', 'compile', 'cache_images')),
 )
 
 def check_config(config: TrainConfig) -> TrainConfig:
@@ -320,7 +321,8 @@ def labels_of(dataset) -> torch.Tensor:
 def make_dataset(config: TrainConfig, split: str, train: bool = False, celeba: CelebA | None = None):
     "The split's dataset with the config's transform (augmented only if `train` and `config.augment`)."
     transform = get_transform(config.transform, config.image_size, train=train and config.augment)
-    dataset = CelebADataset(celeba or config.data, split, transform=transform)
+    dataset = CelebADataset(celeba or config.data, split, transform=transform, progress=config.progress,
+                            cache_size=config.image_size if config.cache_images else None)
     return _first(dataset, config.max_train_images if train else config.max_eval_images)
 
 def train_positive_frequency(celeba: CelebA) -> torch.Tensor:
@@ -378,7 +380,8 @@ def seed_everything(seed: int):
 # %% ../nbs/04_train.ipynb #114258cc
 CHECKPOINT_FORMAT = 'multitask_abn.train/1'
 # Changing these on --resume changes neither the model nor the data order.
-RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'log_every', 'device', 'eval_batch_size', 'compile')
+RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'log_every', 'device', 'eval_batch_size', 'compile',
+                     'cache_images')
 
 class NonFiniteLoss(MtabnError): "Training produced a NaN/inf loss or gradient and stopped; no weight was changed by it."
 
