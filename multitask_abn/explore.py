@@ -513,7 +513,7 @@ class AttentionEditor(_Explorer):
     def save(self) -> Path:
         "Write the mask as the edit of (image, attribute) into the edits folder (`edit.save_edit`); returns the PNG's path."
         path = save_edit(self.edits, self.image_name.value, self.attribute.value, self.mask)
-        self.status.value = f"saved <code>{html.escape(str(path))}</code> ({len(load_edits(self.edits))} edits in {EDIT_INDEX})"
+        self.status.value = f"saved <code>{html.escape(str(path))}</code> ({EDIT_INDEX} lists {len(load_edits(self.edits))})"
         return path
 
     def grid_target(self) -> np.ndarray:
