@@ -1,9 +1,11 @@
-"""The workbook in a real browser (headless Chromium through Playwright): JupyterLab runs a notebook and the attention
-browser answers a click; the documentation site's pages load with their figures and without broken links.
+"""The workbook in a real browser (headless Chromium through Playwright): JupyterLab runs a notebook, the attention
+browser answers a click and the attention editor saves a stroke painted with the mouse; the documentation site's pages
+load with their figures and without broken links.
 Screenshots go to $MTABN_SCREENSHOTS (default: mtabn-browser-screenshots/ in the system's temporary folder)."""
 import functools
 import http.server
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -15,8 +17,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from multitask_abn.edit import load_edits
+from multitask_abn.explore import BRUSH_RADIUS
 from multitask_abn.workbook import build_docs, record_notebook, site_problems
 
 pytestmark = pytest.mark.browser
@@ -83,7 +88,8 @@ ALL_CELLS_RUN = """() => {
 }"""
 
 
-def test_jupyterlab_runs_the_explore_notebook_and_the_attention_browser_answers(browser, lab, screenshots):
+def run_all_cells(browser, lab: str, screenshot: Path):
+    "A page on `lab`'s notebook after JupyterLab's Run All, checked: every cell ran, no output is a traceback."
     page = browser.new_page(viewport={'width': 1600, 'height': 1000})
     page.goto(lab)
     page.wait_for_selector('.jp-NotebookPanel .jp-Cell', timeout=90_000)
@@ -93,9 +99,14 @@ def test_jupyterlab_runs_the_explore_notebook_and_the_attention_browser_answers(
     page.locator('.lm-MenuBar-item', has_text='Run').first.click()
     page.locator('.lm-Menu-item', has_text='Run All Cells').first.click()
     try: page.wait_for_function(ALL_CELLS_RUN, timeout=240_000)
-    finally: page.screenshot(path=str(screenshots/'lab_after_run_all.png'))
+    finally: page.screenshot(path=str(screenshot))
     errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text='Traceback')
     assert errors.count() == 0, errors.first.inner_text()[:2000]
+    return page
+
+
+def test_jupyterlab_runs_the_explore_notebook_and_the_attention_browser_answers(browser, lab, screenshots):
+    page = run_all_cells(browser, lab, screenshots/'lab_after_run_all.png')
     images = page.locator('.jp-OutputArea-output img')
     page.wait_for_function("() => [...document.querySelectorAll('.jp-OutputArea-output img')].every(i => i.complete)")
     sizes = images.evaluate_all('images => images.map(i => i.naturalWidth)')
@@ -115,6 +126,38 @@ def test_jupyterlab_runs_the_explore_notebook_and_the_attention_browser_answers(
     page.wait_for_timeout(1500)
     page.screenshot(path=str(screenshots/'lab_attention_browser_smiling.png'))
     print(f"screenshots in {screenshots}")
+
+
+def test_the_attention_editor_saves_a_stroke_painted_with_the_mouse_and_answers_what_if(browser, lab, screenshots):
+    page = run_all_cells(browser, lab, screenshots/'lab_editor_after_run_all.png')
+    editor = page.locator('.mtabn-editor').first
+    canvas = editor.locator('canvas.mtabn-edit-canvas')
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_function('canvas => canvas.width > 0', arg=canvas.element_handle(), timeout=30_000)   # the picture is drawn
+    width, height = canvas.evaluate('canvas => [canvas.width, canvas.height]')       # the image's own resolution
+    box = canvas.bounding_box()
+    row, (left, right) = 0.45, (0.3, 0.7)                                            # a stroke across the face, in fractions
+    page.mouse.move(box['x'] + left * box['width'], box['y'] + row * box['height'])
+    page.mouse.down()
+    page.mouse.move(box['x'] + right * box['width'], box['y'] + row * box['height'], steps=12)
+    page.mouse.up()
+    editor.locator('button', has_text='save').click()
+    status = editor.locator('.mtabn-editor-status')
+    status.get_by_text('saved').wait_for(timeout=30_000)
+    saved = Path(re.search(r'saved (\S+\.png)', status.inner_text())[1])
+    editor.locator('button', has_text='what if').click()
+    editor.locator('.mtabn-editor-answer').get_by_text('looking where painted').wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(screenshots/'lab_attention_editor.png'))
+
+    (edit,) = [e for e in load_edits(saved.parent) if e.file == saved]              # a valid edit file, listed in edits.csv
+    assert edit.target.shape == (height, width), edit.target.shape
+    y, x0, x1 = int(row * height), int(left * width), int(right * width)
+    assert edit.target[y, x0:x1 + 1].min() == 1                                      # painted along the stroke...
+    beyond = np.ones_like(edit.target, bool)
+    beyond[y - BRUSH_RADIUS - 2:y + BRUSH_RADIUS + 3, x0 - BRUSH_RADIUS - 2:x1 + BRUSH_RADIUS + 3] = False
+    assert edit.target[beyond].max() == 0                                            # ...and nowhere else
+    print(f"edit {saved}; screenshots in {screenshots}")
 
 
 @pytest.fixture(scope='module')
