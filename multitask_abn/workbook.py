@@ -175,8 +175,11 @@ def record_notebook(path, out=None, flags=(), timeout: int = 1800, clean: bool =
 
 def record_notebooks(paths=None, flags=(), report=print) -> list[dict]:
     "Record the workbook's notebooks (default: all, in reading order) one after another, each in a fresh kernel."
+    paths = [Path(p) for p in paths] if paths else notebooks()
+    missing = [p for p in paths if not p.is_file()]
+    if missing: raise MtabnError(f"{missing[0]}: no such notebook (paths are relative to where you run it, e.g. nbs/{missing[0].name})")
     results = []
-    for path in paths or notebooks():
+    for path in paths:
         results.append(record_notebook(path, flags=flags))
         report(f"recorded {results[-1]['notebook']} in {results[-1]['seconds']:.0f} s "
                f"({results[-1]['cells_run']} cells run, {results[-1]['cells_skipped']} not run)")
