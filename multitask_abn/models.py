@@ -270,12 +270,8 @@ class _GemmConvolution(torch.autograd.Function):
         return grad_x, grad_weight, None, None
 
 def gemm_conv2d(x, weight, stride=(1, 1), padding=(0, 0)):
-    "`F.conv2d(x, weight, None, stride, padding)` as one matrix product (differentiable)."
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _GemmConvolution.apply(x, weight, stride, padding)
-    out_size = _output_size(x.shape, weight.shape[2:], stride, padding)
-    columns = _columns(x, weight.shape[2:], stride, padding, out_size)
-    return _as_image(columns @ _weight_rows(weight).t(), len(x), out_size, _is_channels_last(x))
+    "`F.conv2d(x, weight, None, stride, padding)` as one matrix product (differentiable; without gradients nothing is kept)."
+    return _GemmConvolution.apply(x, weight, stride, padding)
 
 class GemmConv2d(nn.Conv2d):
     "`nn.Conv2d` that runs as `gemm_conv2d` where `gemm` says so ('auto': CPU, bfloat16, small outputs)."
@@ -321,8 +317,9 @@ class _ExecutionMixin:
         if options.get('gemm_convs', 'auto') not in ('auto', True, False):
             raise MtabnError(f"gemm_convs={options['gemm_convs']!r}: use 'auto', True or False")
         for name, value in options.items(): setattr(self, name, value)
-        for m in self.modules():
-            if 'gemm_convs' in options and isinstance(m, GemmConv2d): m.gemm = options['gemm_convs']
+        if 'gemm_convs' in options:
+            for m in self.modules():
+                if isinstance(m, GemmConv2d): m.gemm = options['gemm_convs']
         if 'channels_last' in options:
             self.to(memory_format=torch.channels_last if options['channels_last'] else torch.contiguous_format)
         return self
