@@ -13,9 +13,10 @@ __all__ = ['CELEBA_ATTRIBUTES', 'NUM_ATTRIBUTES', 'CELEBA_MEAN', 'CELEBA_STD', '
            'HQ_MASKS_PER_FOLDER', 'CELEBAMASK_HQ_CLASSES', 'HQ_MAPPING_COLUMNS', 'CELEBA_SPLIT_RANGES', 'MtabnError',
            'find_celeba_root', 'celeba_layout', 'write_celeba_annotations', 'read_attributes', 'read_partition',
            'read_landmarks', 'read_bboxes', 'similarity_transform', 'transform_points', 'align_face', 'CelebA',
-           'load_image', 'get_transform', 'denormalize', 'CelebADataset', 'atomic_write', 'resized_images',
-           'positive_frequency', 'pos_weight', 'mean_std', 'find_bad_images', 'verify', 'read_hq_mapping',
-           'hq_partition', 'hq_mask_path', 'load_hq_masks', 'missing_hq_masks', 'write_hq_annotations']
+           'load_image', 'get_transform', 'normalize_images', 'denormalize', 'CelebADataset', 'atomic_write',
+           'resized_images', 'positive_frequency', 'pos_weight', 'mean_std', 'find_bad_images', 'verify',
+           'read_hq_mapping', 'hq_partition', 'hq_mask_path', 'load_hq_masks', 'missing_hq_masks',
+           'write_hq_annotations']
 
 # %% ../nbs/00_data.ipynb #11ad9386
 CELEBA_ATTRIBUTES = (
@@ -406,8 +407,9 @@ def load_image(path) -> Image.Image:
 # %% ../nbs/00_data.ipynb #d501de35
 PRESET_NORMALIZATION = {'fukui2019': None, 'recommended': (CELEBA_MEAN, CELEBA_STD), 'eval': (CELEBA_MEAN, CELEBA_STD)}
 
-def get_transform(preset: str = 'eval', image_size: int = 224, train: bool = False):
-    "The torchvision transform of `preset` at `image_size` (augmentation only when `train`)."
+def get_transform(preset: str = 'eval', image_size: int = 224, train: bool = False, on_device: bool = False):
+    """The torchvision transform of `preset` at `image_size` (augmentation only when `train`). `on_device`: stop at the
+    uint8 pixels (a quarter of float32's bytes to copy to a GPU); `normalize_images` finishes them there."""
     if preset not in PRESET_NORMALIZATION:
         raise MtabnError(f"unknown transform preset {preset!r}: choose one of {', '.join(PRESET_NORMALIZATION)}")
     if not isinstance(image_size, int) or image_size < 16:
@@ -417,9 +419,22 @@ def get_transform(preset: str = 'eval', image_size: int = 224, train: bool = Fal
         steps += [transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(1.0, 1.0)),
                   transforms.RandomHorizontalFlip(),
                   transforms.ColorJitter(0.5, 0.5, 0.5, 0.05)]
+    if on_device: return transforms.Compose(steps + [transforms.PILToTensor()])
     steps.append(transforms.ToTensor())
     if PRESET_NORMALIZATION[preset]: steps.append(transforms.Normalize(*PRESET_NORMALIZATION[preset]))
     return transforms.Compose(steps)
+
+def normalize_images(images: torch.Tensor, preset: str) -> torch.Tensor:
+    """A uint8 batch of `get_transform(preset, on_device=True)`, on whatever device it is, as `preset`'s whole transform
+    makes it: float32, the same arithmetic as `ToTensor` and `Normalize`, so the values are identical. A float batch
+    (normalised on the host already) is returned as it is."""
+    if images.dtype != torch.uint8: return images
+    if preset not in PRESET_NORMALIZATION:
+        raise MtabnError(f"uint8 images need their transform preset to be normalised: got {preset!r}, choose one of {', '.join(PRESET_NORMALIZATION)}")
+    images = images.to(torch.float32).div(255)
+    if PRESET_NORMALIZATION[preset] is None: return images
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) for v in PRESET_NORMALIZATION[preset])
+    return images.sub_(mean).div_(std)
 
 def denormalize(images: torch.Tensor, preset: str) -> torch.Tensor:
     "Images produced by `preset`'s transform back in [0, 1] (a new tensor; the input is not modified)."

@@ -265,7 +265,7 @@ def finetune(run, edits, out, attention_weight: float = 1.0, train_layers: str =
     for p in model.parameters(): p.requires_grad_(True)
     if validate and learner.valid_ds is not None:      # the finished model on the valid split, as every run's last epoch records it
         df, valid_loss = evaluate(model, learner.valid_ds, config.eval_batch_size, config.workers, device, config.precision,
-                                  learner.loss_fn, learner.train_frequency)
+                                  learner.loss_fn, learner.train_frequency, preset=config.transform)
         s = summarize(df)
         learner.history[-1].update(valid_loss=valid_loss, valid_mean_accuracy=s['mean_accuracy'],
                                    valid_mean_balanced_accuracy=s['mean_balanced_accuracy'], valid_attention_mean_accuracy=s['attention_mean_accuracy'])

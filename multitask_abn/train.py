@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (CELEBA_ATTRIBUTES, SPLITS, CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
-                                get_transform, pos_weight, positive_frequency)
+                                get_transform, normalize_images, pos_weight, positive_frequency)
 from .models import (ABNOutput, atomic_write, checkpoint_file, create_model, file_sha256, inference_settings, list_models,
                                   load_checkpoint, load_model, read_thresholds, save_model, saved_config, synchronise_batchnorms,
                                   thresholds_file)
@@ -71,6 +71,7 @@ class TrainConfig:
     channels_last: bool = False
     workers: int = 0                       # DataLoader worker processes
     cache_images: bool = False             # decode and resize every image once (`data.resized_images`): small data and sizes
+    device_normalize: bool | None = None   # batches cross as uint8 and are normalised on the device (None: on GPUs)
     eval_batch_size: int = 64
     checkpoint_every: int = 0              # also checkpoint every N optimiser steps (0: each epoch only)
     log_every: int = 0                     # read the losses to the host every N steps (0: each step on CPU, 25 on GPUs)
@@ -134,6 +135,7 @@ CONFIG_CHECKS = (
     ('loss', lambda v: v in LOSS_NAMES, f"one of {', '.join(LOSS_NAMES)}"),
     ('transform', lambda v: v in PRESET_NORMALIZATION, f"one of {', '.join(PRESET_NORMALIZATION)}"),
     ('model_options', lambda v: isinstance(v, dict), 'a dict of create_model overrides'),
+    ('device_normalize', lambda v: v is None or isinstance(v, bool), 'true, false or null (null: on GPUs)'),
     # `--set NAME=VALUE` reads JSON, so a misspelt true/false would otherwise arrive as a (truthy) string.
     *((name, lambda v: isinstance(v, bool), 'true or false') for name in ('augment', 'use_pos_weight', 'nesterov', 'channels_last', 'progress', 'sync_batchnorm', 'deterministic', 'compile', 'cache_images')),
 )
@@ -318,9 +320,10 @@ def labels_of(dataset) -> torch.Tensor:
     if isinstance(dataset, Subset): return labels_of(dataset.dataset)[list(dataset.indices)]
     return dataset.labels
 
-def make_dataset(config: TrainConfig, split: str, train: bool = False, celeba: CelebA | None = None):
-    "The split's dataset with the config's transform (augmented only if `train` and `config.augment`)."
-    transform = get_transform(config.transform, config.image_size, train=train and config.augment)
+def make_dataset(config: TrainConfig, split: str, train: bool = False, celeba: CelebA | None = None, on_device: bool = False):
+    """The split's dataset with the config's transform (augmented only if `train` and `config.augment`; `on_device`: uint8
+    images, for `data.normalize_images` on the device)."""
+    transform = get_transform(config.transform, config.image_size, train=train and config.augment, on_device=on_device)
     dataset = CelebADataset(celeba or config.data, split, transform=transform, progress=config.progress,
                             cache_size=config.image_size if config.cache_images else None)
     return _first(dataset, config.max_train_images if train else config.max_eval_images)
@@ -333,9 +336,10 @@ def train_positive_frequency(celeba: CelebA) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int = 64, workers: int = 0, device='cpu', precision: str = 'fp32',
              loss_fn=None, train_frequency=None, procs: Processes = Processes(), progress: bool = False,
-             desc: str = 'eval', metrics: AttributeMetrics | None = None):
+             desc: str = 'eval', metrics: AttributeMetrics | None = None, preset: str | None = None):
     """(per-attribute metrics DataFrame, mean loss or None) of `model` on `dataset`. `metrics`: the `AttributeMetrics`
-    to fill (e.g. with tuned thresholds, or to read its logits afterwards) instead of a fresh one."""
+    to fill (e.g. with tuned thresholds, or to read its logits afterwards) instead of a fresh one. `preset`: the
+    transform preset that normalises a dataset of uint8 images on the device (`get_transform(..., on_device=True)`)."""
     device = torch.device(device)
     shard = Subset(dataset, range(procs.rank, len(dataset), procs.world)) if procs.world > 1 else dataset
     loader = DataLoader(shard, batch_size=batch_size, **loader_options(workers, device))
@@ -345,7 +349,7 @@ def evaluate(model, dataset, batch_size: int = 64, workers: int = 0, device='cpu
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not (progress and procs.main)):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = normalize_images(images.to(device, non_blocking=True), preset), targets.to(device, non_blocking=True)
         with autocast(device, precision): out = model(images)
         metrics.update(out, targets)
         if loss_fn is not None:
@@ -381,7 +385,7 @@ def seed_everything(seed: int):
 CHECKPOINT_FORMAT = 'multitask_abn.train/1'
 # Changing these on --resume changes neither the model nor the data order.
 RESUMABLE_CHANGES = ('epochs', 'workers', 'progress', 'checkpoint_every', 'log_every', 'device', 'eval_batch_size', 'compile',
-                     'cache_images')
+                     'cache_images', 'device_normalize')
 
 class NonFiniteLoss(MtabnError): "Training produced a NaN/inf loss or gradient and stopped; no weight was changed by it."
 
@@ -408,8 +412,9 @@ class Learner:
             raise MtabnError(f"batch_size={config.batch_size} ({command_line_flag('batch_size')}) must be divisible by the {procs.world} processes")
         seed_everything(config.seed)
         celeba = CelebA(config.data)
-        self.train_ds = make_dataset(config, config.train_split, train=True, celeba=celeba)
-        self.valid_ds = make_dataset(config, config.valid_split, celeba=celeba) if config.valid_split else None
+        on_device = self.device.type == 'cuda' if config.device_normalize is None else config.device_normalize
+        self.train_ds = make_dataset(config, config.train_split, train=True, celeba=celeba, on_device=on_device)
+        self.valid_ds = make_dataset(config, config.valid_split, celeba=celeba, on_device=on_device) if config.valid_split else None
         self.train_frequency = train_positive_frequency(celeba)
         labels = labels_of(self.train_ds)
         self.model = build_model(config).to(self.device)
@@ -510,7 +515,8 @@ def _train_epoch(self: Learner, writer):
                disable=not (config.progress and procs.main))
     pending = []             # per step, on the device: loss, perception loss, attention loss, finite
     for images, targets in bar:
-        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        images = normalize_images(images.to(self.device, non_blocking=True), config.transform)
+        targets = targets.to(self.device, non_blocking=True)
         with autocast(self.device, config.precision):
             loss, parts = self.loss_fn(self.net(images), targets)
         finite = self._optimizer_step(loss)
@@ -559,7 +565,7 @@ def _end_epoch(self: Learner, writer):
     if self.valid_ds is not None:
         df, record['valid_loss'] = evaluate(self.model, self.valid_ds, self.config.eval_batch_size, self.config.workers,
                                             self.device, self.config.precision, self.loss_fn, self.train_frequency,
-                                            self.procs, self.config.progress, desc='valid')
+                                            self.procs, self.config.progress, desc='valid', preset=self.config.transform)
         s = summarize(df)
         record.update(valid_mean_accuracy=s['mean_accuracy'], valid_mean_balanced_accuracy=s['mean_balanced_accuracy'],
                       valid_attention_mean_accuracy=s['attention_mean_accuracy'])

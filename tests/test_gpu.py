@@ -9,7 +9,8 @@ import torch
 from multitask_abn.explain import explain_run, predict
 from multitask_abn.models import load_checkpoint, load_model
 from multitask_abn.synth import make_synth_celeba
-from multitask_abn.train import Learner, evaluate, evaluate_run, load_config, make_config, train
+from multitask_abn.data import normalize_images
+from multitask_abn.train import Learner, evaluate, evaluate_run, load_config, make_config, make_dataset, train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU here (run on a GPU machine: make gpu-check)')]
@@ -37,6 +38,15 @@ def test_training_on_the_gpu_learns_in_bf16(gpu_run):
     records = [json.loads(line) for line in (gpu_run / 'metrics.jsonl').read_text().splitlines()]
     assert records[-1]['train_loss'] < records[0]['train_loss']
     assert all(torch.isfinite(v).all() for v in final_weights(gpu_run).values() if v.is_floating_point())
+
+
+def test_uint8_batches_are_normalised_on_the_gpu_as_on_the_host(synth):
+    learner = Learner(make_config('demo', data=str(synth), **GPU))      # device_normalize=None: on, since the device is a GPU
+    images, _ = next(iter(learner.loader))
+    assert images.dtype == torch.uint8 and images.is_pinned()
+    pixels = learner.train_ds[0][0]
+    on_host = make_dataset(learner.config, 'train')[0][0]              # the float32 transform, normalised on the CPU
+    assert torch.allclose(normalize_images(pixels[None].cuda(), 'eval')[0].cpu(), on_host, atol=1e-6)
 
 
 def test_evaluation_on_the_gpu_equals_the_cpu(gpu_run, tmp_path):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import pytest
@@ -142,6 +143,16 @@ def test_run_folder_is_never_silently_replaced(tmp_path, synth):
 def test_same_seed_same_metrics(tmp_path, synth, straight_run):
     again = train(load_config(straight_run), tmp_path / 'again')
     assert epoch_metrics(again) == epoch_metrics(straight_run)
+    a, b = final_weights(straight_run), final_weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_uint8_batches_normalised_on_the_device_train_the_same(tmp_path, synth, straight_run):
+    "device_normalize (the GPU default): uint8 pixels cross to the device and are normalised there; on the CPU the run is the same bit for bit."
+    config = replace(load_config(straight_run), device_normalize=True)
+    assert Learner(config).train_ds[0][0].dtype == torch.uint8
+    again = train(config, tmp_path / 'uint8')
+    assert epoch_metrics(again) == epoch_metrics(straight_run)        # validation included
     a, b = final_weights(straight_run), final_weights(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
