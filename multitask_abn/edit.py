@@ -374,12 +374,13 @@ MEASURED = (('valid', 'shifted'), ('test', 'unbiased'), ('test', 'shifted'))   #
 def run_edit_experiment(work='runs/edit', attribute: str = 'Smiling', p: float = 0.95, q: float = 0.05, n_images: int = 6000,
                         train_images: int = 2000, train_epochs: int = 2, budgets=(10, 50, 200), measured=MEASURED,
                         eval_images: int | None = 200, seed: int = 0, recipe: str = 'demo', finetune_steps: int = 20,
-                        finetune_options: dict | None = None, show: bool = True) -> pd.DataFrame:
+                        finetune_options: dict | None = None, train_options: dict | None = None, show: bool = True) -> pd.DataFrame:
     """The whole experiment: SynthCelebA with the badge planted for `attribute` (train: p, q) and the same faces without the
     bias (the upper bound's data), a model trained on each (`train_images` images, `train_epochs` epochs), then for each
     budget N: N ground-truth edits, fine-tuning with Mitsuhara's loss and without it (plain), about `finetune_steps`
     optimiser steps whatever N (whole passes over the edits); every model measured on the `measured` (split, version)
-    pairs (the first `eval_images` images of each). Returns (and writes to `work/edit_results.csv`) one row per model,
+    pairs (the first `eval_images` images of each); `train_options`: further `TrainConfig` fields for both trainings
+    (over `EXPERIMENT_RECIPE`). Returns (and writes to `work/edit_results.csv`) one row per model,
     split and version."""
     from multitask_abn.synth import make_synth_celeba
     work = Path(work)
@@ -391,7 +392,7 @@ def run_edit_experiment(work='runs/edit', attribute: str = 'Smiling', p: float =
     rate = (p + q) / 2
     unbiased = make_synth_celeba(work/'data'/'unbiased', n=n_images, seed=seed, shortcut=f'{attribute}:{rate}:{rate}', num_workers=2)
     say(f"data: {biased}, {unbiased}")
-    train_options = dict(EXPERIMENT_RECIPE, max_train_images=train_images, epochs=train_epochs, progress=False)
+    train_options = {**EXPERIMENT_RECIPE, 'max_train_images': train_images, 'epochs': train_epochs, 'progress': False, **(train_options or {})}
     runs = {'biased': _trained(recipe, biased, work/'runs'/'biased', **train_options)}
     say('trained on the biased data')
     runs['unbiased (upper bound)'] = _trained(recipe, unbiased, work/'runs'/'unbiased', **train_options)
