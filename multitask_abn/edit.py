@@ -351,7 +351,7 @@ def evidence_summary(e: dict, reference: dict | None = None) -> dict:
     return row
 
 # %% ../nbs/09_edit.ipynb #ed000025
-EXPERIMENT_RECIPE = dict(precision='fp32')   # the `demo` recipe (ResNet-10 ABN, 80 px, 4 epochs) in fp32: faster on AMX CPUs
+EXPERIMENT_RECIPE = dict(precision='fp32')   # the `demo` recipe (ResNet-10 ABN, 80 px) in fp32, the experiment of record's numerics
 FINETUNE_DEFAULTS = dict(attention_weight=1.0, train_layers='all', lr=0.005, batch_size=10)   # lr: the recipe's last
 
 def _trained(recipe: str, data: Path, out: Path, **overrides) -> Path:
