@@ -96,7 +96,7 @@ def mtabn_train(
     workers: int = None,  # DataLoader worker processes
     checkpoint_every: int = None,  # also checkpoint every N optimiser steps
     set: Param("any other training option as NAME=VALUE, repeatable, VALUE read as JSON if it parses (e.g. "
-               "milestones=[3,6], use_pos_weight=true): attention_init, augment, cache_images, channels_last, compile, deterministic, eval_batch_size, "
+               "milestones=[3,6], use_pos_weight=true): attention_init, augment, cache_images, channels_last, compile, deterministic, device_normalize, eval_batch_size, "
                "focal_alpha, focal_gamma, log_every, loss, lr_gamma, max_eval_images, max_train_images, milestones, "
                "model_options (e.g. {\"attributes_per_pass\": 40}), momentum, nesterov, perception_mode, sync_batchnorm, "
                "train_split, transform, use_pos_weight, valid_split, weight_decay",
