@@ -58,7 +58,7 @@ import re
 import secrets
 import sys
 import warnings
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import cv2
@@ -424,6 +424,11 @@ def get_transform(preset: str = 'eval', image_size: int = 224, train: bool = Fal
     if PRESET_NORMALIZATION[preset]: steps.append(transforms.Normalize(*PRESET_NORMALIZATION[preset]))
     return transforms.Compose(steps)
 
+@lru_cache(maxsize=None)
+def _normalization(preset: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    "`preset`'s mean and std as float32 1 x 3 x 1 x 1 tensors on `device`, made once (a per-batch copy to a GPU would wait for it)."
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in PRESET_NORMALIZATION[preset])
+
 def normalize_images(images: torch.Tensor, preset: str) -> torch.Tensor:
     """A uint8 batch of `get_transform(preset, on_device=True)`, on whatever device it is, as `preset`'s whole transform
     makes it: float32, the same arithmetic as `ToTensor` and `Normalize`, so the values are identical. A float batch
@@ -433,15 +438,14 @@ def normalize_images(images: torch.Tensor, preset: str) -> torch.Tensor:
         raise MtabnError(f"uint8 images need their transform preset to be normalised: got {preset!r}, choose one of {', '.join(PRESET_NORMALIZATION)}")
     images = images.to(torch.float32).div(255)
     if PRESET_NORMALIZATION[preset] is None: return images
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) for v in PRESET_NORMALIZATION[preset])
+    mean, std = _normalization(preset, images.device)
     return images.sub_(mean).div_(std)
 
 def denormalize(images: torch.Tensor, preset: str) -> torch.Tensor:
     "Images produced by `preset`'s transform back in [0, 1] (a new tensor; the input is not modified)."
     normalization = PRESET_NORMALIZATION[preset]
     if normalization is None: return images.clamp(0, 1)
-    shape = (3, 1, 1)
-    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(shape) for v in normalization)
+    mean, std = (v.to(images.dtype).view(3, 1, 1) for v in _normalization(preset, images.device))   # one image or a batch
     return (images * std + mean).clamp(0, 1)
 
 # %% ../nbs/00_data.ipynb #a92ffb47
