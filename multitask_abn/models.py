@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #a4c3bd71
 from __future__ import annotations
-import contextlib, copy, hashlib, json, math, os, pickle, re
+import contextlib, copy, functools, hashlib, json, math, os, pickle, re
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -23,13 +23,13 @@ __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTI
            'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'SMALL_OUTPUT_POSITIONS', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT',
            'THRESHOLDS_FILE', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS',
            'UNSEEN_PRESET_FIELDS', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
-           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'gemm_conv2d', 'GemmConv2d', 'ABN',
-           'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model', 'forward_with_attention',
-           'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'save_model', 'checkpoint_file',
-           'load_model', 'saved_config', 'inference_settings', 'thresholds_file', 'file_sha256', 'read_thresholds',
-           'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint', 'seed_model_name',
-           'save_seed_checkpoint', 'execution_differences', 'fold_batchnorm', 'compile_for_inference',
-           'optimize_for_inference']
+           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'cpu_flags', 'gemm_pays', 'gemm_conv2d',
+           'GemmConv2d', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model',
+           'forward_with_attention', 'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'save_model',
+           'checkpoint_file', 'load_model', 'saved_config', 'inference_settings', 'thresholds_file', 'file_sha256',
+           'read_thresholds', 'from_seed_names', 'to_seed_names', 'infer_seed_model', 'load_seed_checkpoint',
+           'seed_model_name', 'save_seed_checkpoint', 'execution_differences', 'fold_batchnorm',
+           'compile_for_inference', 'optimize_for_inference']
 
 # %% ../nbs/02_models.ipynb #db3057f2
 class ABNOutput(NamedTuple):
@@ -221,6 +221,18 @@ def _recomputing_batchnorms(model: nn.Module):
 # %% ../nbs/02_models.ipynb #0bd9342a
 SMALL_OUTPUT_POSITIONS = 16   # gemm_convs='auto' up to 4x4 outputs: faster at 3x3, on par at 6x6 (08_bench)
 
+@functools.cache
+def cpu_flags() -> frozenset:
+    "The instruction-set flags of this machine's CPU (Linux's /proc/cpuinfo; empty elsewhere)."
+    cpuinfo = Path('/proc/cpuinfo')
+    flags = re.search(r'^flags\s*:\s*(.+)$', cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
+    return frozenset(flags.group(1).split()) if flags else frozenset()
+
+def gemm_pays(stride, positions: int) -> bool:
+    """Where a small bfloat16 convolution is faster as a matrix product (08_bench, both CPUs of this project): with AMX
+    at any stride; without it (AVX-512 BF16 only: oneDNN's stride-1 kernels win there) only strided."""
+    return positions <= SMALL_OUTPUT_POSITIONS and ('amx_bf16' in cpu_flags() or max(stride) > 1)
+
 def _output_size(x_shape, kernel, stride, padding) -> tuple[int, int]:
     return tuple((x_shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
 
@@ -283,7 +295,7 @@ class GemmConv2d(nn.Conv2d):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         positions = math.prod(_output_size(x.shape, self.kernel_size, self.stride, self.padding))
-        return device == 'cpu' and dtype == torch.bfloat16 and positions <= SMALL_OUTPUT_POSITIONS
+        return device == 'cpu' and dtype == torch.bfloat16 and gemm_pays(self.stride, positions)
 
     def _conv_forward(self, x, weight, bias):
         if not self.uses_gemm(x): return super()._conv_forward(x, weight, bias)

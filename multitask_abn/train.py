@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (CELEBA_ATTRIBUTES, SPLITS, CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, normalize_images, pos_weight, positive_frequency)
-from .models import (ABNOutput, atomic_write, checkpoint_file, create_model, file_sha256, inference_settings, list_models,
-                                  load_checkpoint, load_model, read_thresholds, save_model, saved_config, synchronise_batchnorms,
-                                  thresholds_file)
+from .models import (ABNOutput, atomic_write, checkpoint_file, cpu_flags, create_model, file_sha256, inference_settings,
+                                  list_models, load_checkpoint, load_model, read_thresholds, save_model, saved_config,
+                                  synchronise_batchnorms, thresholds_file)
 from .losses import LOSS_NAMES, make_loss
 from .metrics import (THRESHOLD_CRITERIA, AttributeMetrics, attribute_table, check_thresholds, summarize,
                                    tune_thresholds, write_results)
@@ -248,9 +248,8 @@ def machine_description() -> dict:
     "The CPU model, its vector/matrix extensions, cores and GPUs: what speed figures depend on."
     cpuinfo = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
     model = re.search(r'^model name\s*:\s*(.+)$', cpuinfo, re.M)
-    flags = set((re.search(r'^flags\s*:\s*(.+)$', cpuinfo, re.M) or re.match('()', '')).group(1).split())
     return dict(cpu=model.group(1).strip() if model else platform.processor() or platform.machine(),
-                isa=sorted(flags & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile', 'amx_int8'}),
+                isa=sorted(cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile', 'amx_int8'}),
                 cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
                 gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], torch=torch.__version__)
 
