@@ -67,7 +67,7 @@ test-slow: install
 
 # The CPU benchmarks, kept in $(BENCH) for 08_bench's record: layer4's convolutions in bf16 (oneDNN vs matrix products),
 # then every execution mode of ABN-v1 ResNet-101 (batch 8, 224 px) against the float32 loop, with the decisions check on
-# the demo run (built first when $(RUN) has none). About 10 minutes on two cores.
+# the demo run (built first when $(RUN) has none). 10-12 minutes on two cores.
 BENCH ?= runs/bench
 bench: install $(RUN)/eval/test/summary.json
 	$(BIN)/python -m multitask_abn.bench convolutions --out $(BENCH)

@@ -22,7 +22,7 @@ __all__ = ['SUBCOMMANDS', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'LAYER4_CONVOL
            'main', 'time_round_robin', 'step_peak_memory_mb', 'eval_modes', 'train_modes', 'benchmark_modes',
            'decisions_equal', 'test_batches', 'run_models_benchmark', 'models_command', 'loader_images_per_s',
            'run_loader_benchmark', 'loader_command', 'convolution_paths', 'run_convolutions_benchmark',
-           'convolutions_command', 'read_benchmark', 'against_targets']
+           'convolutions_command', 'read_benchmark', 'against_targets', 'product_rate_speedup']
 
 # %% ../nbs/08_bench.ipynb #cc2ce0b8
 SUBCOMMANDS: dict = {}
@@ -371,6 +371,13 @@ def against_targets(summary: dict, targets: dict = BENCHMARK_TARGETS) -> pd.Data
         met = None if value is None else (value >= target if sense == '>=' else value <= target)
         rows.append(dict(figure=name, measured=value, target=f'{sense} {target}', met=met))
     return pd.DataFrame(rows)
+
+def product_rate_speedup(models: pd.DataFrame, convolutions: pd.DataFrame) -> float:
+    """The eval speed-up over the float32 loop that the fastest eval mode would reach if all its GFLOP ran at the fastest
+    bfloat16 matrix-product rate of the `convolutions` benchmark on the same machine: what the arithmetic allows there."""
+    evals = models[models.kind == 'eval'].set_index('mode')
+    fastest = evals.loc[evals.images_per_s.idxmax()]
+    return convolutions.matmul_gflop_per_s.max() / fastest.gflop_per_image / evals.loc['loop fp32', 'images_per_s']
 
 # %% ../nbs/08_bench.ipynb #de31779e
 # Only `python -m multitask_abn.bench` runs the command line. A Jupyter kernel runs this notebook as `__main__`
