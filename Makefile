@@ -59,7 +59,7 @@ edit-demo: install
 # it (tests/test_notebooks.py, `#| eval: false` cells included); `#| slow` cells only under test-slow.
 test: install browser
 	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest -q -n 2 -m "not slow" tests
+	$(BIN)/pytest -q -n 2 -m "not slow" --durations=15 tests
 
 test-slow: install
 	$(BIN)/nbdev_test --n_workers 2 --flags slow
