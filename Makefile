@@ -127,6 +127,7 @@ constraints:
 readme:
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN --TemplateExporter.exclude_output=True
 	$(BIN)/python -c "import pathlib; p = pathlib.Path('README.md'); p.write_text(p.read_text().replace('](images/', '](nbs/images/'))"
+	rm -rf README_files   # nbconvert extracts the figures before it leaves the outputs out
 
 # The README's pictures (nbs/images/*.png, small and tracked) redrawn from a finished run: make readme-images RUN=runs/x
 readme-images: install
