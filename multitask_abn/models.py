@@ -228,10 +228,11 @@ def cpu_flags() -> frozenset:
     flags = re.search(r'^flags\s*:\s*(.+)$', cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
     return frozenset(flags.group(1).split()) if flags else frozenset()
 
-def gemm_pays(stride, positions: int) -> bool:
-    """Where a small bfloat16 convolution is faster as a matrix product (08_bench, both CPUs of this project): with AMX
-    at any stride; without it (AVX-512 BF16 only: oneDNN's stride-1 kernels win there) only strided."""
-    return positions <= SMALL_OUTPUT_POSITIONS and ('amx_bf16' in cpu_flags() or max(stride) > 1)
+def gemm_pays(stride, positions: int, flags: frozenset | None = None) -> bool:
+    """Where a small bfloat16 convolution is faster as a matrix product on a CPU with `flags` (default: this one's):
+    with AMX at any stride; without it (AVX-512 BF16 only: oneDNN's stride-1 kernels win there) only strided (08_bench)."""
+    flags = cpu_flags() if flags is None else flags
+    return positions <= SMALL_OUTPUT_POSITIONS and ('amx_bf16' in flags or max(stride) > 1)
 
 def _output_size(x_shape, kernel, stride, padding) -> tuple[int, int]:
     return tuple((x_shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
