@@ -57,13 +57,17 @@ edit-demo: install
 
 # Every notebook runs twice: in-process by nbdev_test, and in a real Jupyter kernel as JupyterLab's "Run All" runs
 # it (tests/test_notebooks.py, `#| eval: false` cells included); `#| slow` cells only under test-slow.
+# Two test processes at a time, one thread each: with torch's default of a thread per core each, two processes on two
+# cores slowed each other ~9x in the heaviest test (pytest 20 min 12 s -> 8 min 21 s, nbdev_test 2 min 50 s -> 1 min 53 s
+# on the AMD EPYC).
+TEST_THREADS := OMP_NUM_THREADS=1
 test: install browser
-	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest -q -n 2 -m "not slow" --durations=15 tests
+	$(TEST_THREADS) $(BIN)/nbdev_test --n_workers 2
+	$(TEST_THREADS) $(BIN)/pytest -q -n 2 -m "not slow" --durations=15 tests
 
 test-slow: install
-	$(BIN)/nbdev_test --n_workers 2 --flags slow
-	$(BIN)/pytest -q -n 2 tests
+	$(TEST_THREADS) $(BIN)/nbdev_test --n_workers 2 --flags slow
+	$(TEST_THREADS) $(BIN)/pytest -q -n 2 tests
 
 # The CPU benchmarks, kept in $(BENCH) for 08_bench's record: layer4's convolutions in bf16 (oneDNN vs matrix products),
 # then every execution mode of ABN-v1 ResNet-101 (batch 8, 224 px) against the float32 loop, with the decisions check on
