@@ -23,7 +23,7 @@ __all__ = ['PRESET_CHOICES', 'PRESETS', 'BASELINE_PRESET', 'BACKBONES', 'EXECUTI
            'GPU_STACK_SHARE', 'PERCEPTION_MODES', 'SMALL_OUTPUT_POSITIONS', 'RUN_CHECKPOINTS', 'REFERENCE_INPUT',
            'THRESHOLDS_FILE', 'SEED_PREFIX', 'SEED_RENAMES', 'SEED_ARGS_FILE', 'SEED_PRESET_KEY', 'SEED_MODEL_PRESETS',
            'UNSEEN_PRESET_FIELDS', 'ABNOutput', 'attribute_logits', 'attribute_probabilities', 'ABNPreset', 'Backbone',
-           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'cpu_flags', 'gemm_pays', 'gemm_conv2d',
+           'AttributeBatchNorm2d', 'synchronise_batchnorms', 'stack_bytes', 'cpu_info', 'gemm_pays', 'gemm_conv2d',
            'GemmConv2d', 'ABN', 'ResNetBaseline', 'list_models', 'resolve_preset', 'create_model',
            'forward_with_attention', 'load_checkpoint', 'imagenet_weights_file', 'load_imagenet_weights', 'save_model',
            'checkpoint_file', 'load_model', 'saved_config', 'inference_settings', 'thresholds_file', 'file_sha256',
@@ -222,16 +222,16 @@ def _recomputing_batchnorms(model: nn.Module):
 SMALL_OUTPUT_POSITIONS = 16   # gemm_convs='auto' up to 4x4 outputs: faster at 3x3, on par at 6x6 (08_bench)
 
 @functools.cache
-def cpu_flags() -> frozenset:
-    "The instruction-set flags of this machine's CPU (Linux's /proc/cpuinfo; empty elsewhere)."
-    cpuinfo = Path('/proc/cpuinfo')
-    flags = re.search(r'^flags\s*:\s*(.+)$', cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
-    return frozenset(flags.group(1).split()) if flags else frozenset()
+def cpu_info() -> dict:
+    "This machine's CPU: `model` name and instruction-set `flags` (Linux's /proc/cpuinfo; empty elsewhere)."
+    cpuinfo = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
+    def field(name): return (re.search(rf'^{name}\s*:\s*(.+)$', cpuinfo, re.M) or re.match('()', '')).group(1).strip()
+    return dict(model=field('model name'), flags=frozenset(field('flags').split()))
 
 def gemm_pays(stride, positions: int, flags: frozenset | None = None) -> bool:
     """Where a small bfloat16 convolution is faster as a matrix product on a CPU with `flags` (default: this one's):
     with AMX at any stride; without it (AVX-512 BF16 only: oneDNN's stride-1 kernels win there) only strided (08_bench)."""
-    flags = cpu_flags() if flags is None else flags
+    flags = cpu_info()['flags'] if flags is None else flags
     return positions <= SMALL_OUTPUT_POSITIONS and ('amx_bf16' in flags or max(stride) > 1)
 
 def _output_size(x_shape, kernel, stride, padding) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 from .data import (CELEBA_ATTRIBUTES, SPLITS, CelebA, CelebADataset, MtabnError, NUM_ATTRIBUTES, PRESET_NORMALIZATION,
                                 get_transform, normalize_images, pos_weight, positive_frequency)
-from .models import (ABNOutput, atomic_write, checkpoint_file, cpu_flags, create_model, file_sha256, inference_settings,
+from .models import (ABNOutput, atomic_write, checkpoint_file, cpu_info, create_model, file_sha256, inference_settings,
                                   list_models, load_checkpoint, load_model, read_thresholds, save_model, saved_config,
                                   synchronise_batchnorms, thresholds_file)
 from .losses import LOSS_NAMES, make_loss
@@ -246,10 +246,9 @@ BF16_MIN_SPEEDUP = 1.1   # bf16 must be this much faster than fp32 to be chosen
 
 def machine_description() -> dict:
     "The CPU model, its vector/matrix extensions, cores and GPUs: what speed figures depend on."
-    cpuinfo = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
-    model = re.search(r'^model name\s*:\s*(.+)$', cpuinfo, re.M)
-    return dict(cpu=model.group(1).strip() if model else platform.processor() or platform.machine(),
-                isa=sorted(cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile', 'amx_int8'}),
+    cpu = cpu_info()
+    return dict(cpu=cpu['model'] or platform.processor() or platform.machine(),
+                isa=sorted(cpu['flags'] & {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile', 'amx_int8'}),
                 cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
                 gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], torch=torch.__version__)
 
